@@ -1,0 +1,33 @@
+# Two commands do everything on a fresh Debian/Ubuntu machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SERVICES := scripts/services.sh
+
+.PHONY: demo test lint services stop-services clean
+
+$(BIN)/syncctl: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+services:
+	bash $(SERVICES) start
+
+stop-services:
+	bash $(SERVICES) stop
+
+demo: $(BIN)/syncctl services
+	eval "$$(bash $(SERVICES) env)" && $(BIN)/syncctl demo
+
+test: $(BIN)/syncctl services
+	eval "$$(bash $(SERVICES) env)" && $(BIN)/pytest -q
+
+lint: $(BIN)/syncctl
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+clean: stop-services
+	rm -rf .services $(VENV)

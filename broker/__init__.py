@@ -1,0 +1,34 @@
+"""The wire contract of sync-to-device: topology, message models and the ``SyncClient``."""
+
+from broker.client import SyncClient
+from broker.errors import BrokerUnavailable, Unroutable
+from broker.models import (
+    ChangeBatch,
+    ObjectList,
+    ObjectOutcome,
+    ObjectRef,
+    OverlayChange,
+    RemoveChange,
+    Session,
+    SyncJob,
+    SyncResult,
+    UncommittedChange,
+    UpsertChange,
+)
+
+__all__ = [
+    "BrokerUnavailable",
+    "ChangeBatch",
+    "ObjectList",
+    "ObjectOutcome",
+    "ObjectRef",
+    "OverlayChange",
+    "RemoveChange",
+    "Session",
+    "SyncClient",
+    "SyncJob",
+    "SyncResult",
+    "UncommittedChange",
+    "Unroutable",
+    "UpsertChange",
+]

@@ -1,0 +1,221 @@
+"""``SyncClient``: what a server action calls to synchronize objects to a device."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Iterable, Mapping
+from types import TracebackType
+from typing import Any, Literal, Self, overload
+from urllib.parse import unquote, urlsplit
+
+from aio_pika.abc import (
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+)
+from pydantic import ValidationError
+
+from broker.connection import connect, open_channel
+from broker.models import (
+    ObjectList,
+    ObjectRef,
+    Origin,
+    Session,
+    SyncJob,
+    SyncResult,
+    UncommittedChange,
+)
+from broker.publishing import json_message, publish_confirmed
+from broker.topology import JOBS_EXCHANGE, declare_exchange
+
+__all__ = ["DIRECT_REPLY_TO", "SyncClient"]
+
+log = logging.getLogger(__name__)
+
+# RabbitMQ's direct reply-to: results come back without a queue per caller.
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+
+
+class SyncClient:
+    """Publishes sync jobs and, when asked, waits for their results.
+
+    Example::
+
+        async with await SyncClient.connect("amqp://sync:sync@127.0.0.1:5673/") as client:
+            result = await client.synchronize_to_device(
+                Session(user_id=7, device_id="dev-1"), objects=[ObjectRef("WorkOrder", 1)]
+            )
+    """
+
+    def __init__(
+        self,
+        connection: AbstractRobustConnection,
+        channel: AbstractRobustChannel,
+        jobs: AbstractExchange,
+        *,
+        user_id: str | None,
+        publish_timeout: float,
+    ) -> None:
+        self._connection = connection
+        self._channel = channel
+        self._jobs = jobs
+        self._user_id = user_id
+        self._publish_timeout = publish_timeout
+        self._pending: dict[str, asyncio.Future[SyncResult]] = {}
+
+    @classmethod
+    async def connect(
+        cls, amqp_url: str, *, name: str = "sync-client", publish_timeout: float = 10.0
+    ) -> SyncClient:
+        connection = await connect(amqp_url, name)
+        channel = await open_channel(connection)
+        jobs = await declare_exchange(channel, JOBS_EXCHANGE)
+        client = cls(
+            connection,
+            channel,
+            jobs,
+            user_id=_amqp_user(amqp_url),
+            publish_timeout=publish_timeout,
+        )
+        replies = await channel.get_queue(DIRECT_REPLY_TO, ensure=False)
+        await replies.consume(client._on_result, no_ack=True)
+        return client
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        for future in self._pending.values():
+            future.cancel()
+        await self._connection.close()
+
+    @overload
+    async def synchronize_to_device(
+        self,
+        session: Session,
+        *,
+        objects: Iterable[ObjectRef] = (),
+        lists: Iterable[ObjectList] = (),
+        deleted: Iterable[ObjectRef] = (),
+        new: Iterable[ObjectRef] = (),
+        uncommitted: Mapping[ObjectRef, Mapping[str, Any]] | None = None,
+        origin: Origin = "nanoflow",
+        wait: Literal[True] = True,
+        timeout: float = 10.0,
+    ) -> SyncResult: ...
+
+    @overload
+    async def synchronize_to_device(
+        self,
+        session: Session,
+        *,
+        objects: Iterable[ObjectRef] = (),
+        lists: Iterable[ObjectList] = (),
+        deleted: Iterable[ObjectRef] = (),
+        new: Iterable[ObjectRef] = (),
+        uncommitted: Mapping[ObjectRef, Mapping[str, Any]] | None = None,
+        origin: Origin = "nanoflow",
+        wait: Literal[False],
+        timeout: float = 10.0,
+    ) -> str: ...
+
+    async def synchronize_to_device(
+        self,
+        session: Session,
+        *,
+        objects: Iterable[ObjectRef] = (),
+        lists: Iterable[ObjectList] = (),
+        deleted: Iterable[ObjectRef] = (),
+        new: Iterable[ObjectRef] = (),
+        uncommitted: Mapping[ObjectRef, Mapping[str, Any]] | None = None,
+        origin: Origin = "nanoflow",
+        wait: bool = True,
+        timeout: float = 10.0,
+    ) -> SyncResult | str:
+        """Ask to synchronize objects and lists to the session's device.
+
+        With ``wait=True`` returns the worker's ``SyncResult`` (raises ``TimeoutError``
+        after ``timeout`` seconds); otherwise returns the job id once the broker has
+        the job.
+        """
+        job = SyncJob(
+            job_id=uuid.uuid4().hex,
+            session=session,
+            origin=origin,
+            objects=tuple(objects),
+            lists=tuple(lists),
+            deleted=tuple(deleted),
+            new=tuple(new),
+            uncommitted=tuple(
+                UncommittedChange(ref=ref, changes=dict(changes))
+                for ref, changes in (uncommitted or {}).items()
+            ),
+        )
+        body = job.model_dump_json().encode()
+        if not wait:
+            await self._publish(body, job_id=job.job_id, reply=False, routing_key=session.device_id)
+            return job.job_id
+        return await self.publish_raw(
+            body, job_id=job.job_id, timeout=timeout, routing_key=session.device_id
+        )
+
+    async def publish_raw(
+        self, body: bytes, *, job_id: str, timeout: float, routing_key: str = ""
+    ) -> SyncResult:
+        """Publish a job body as is and wait for its result.
+
+        For tools and tests that must send what ``SyncJob`` would refuse to build.
+        """
+        future: asyncio.Future[SyncResult] = asyncio.get_running_loop().create_future()
+        self._pending[job_id] = future
+        try:
+            await self._publish(body, job_id=job_id, reply=True, routing_key=routing_key)
+            async with asyncio.timeout(timeout):
+                return await future
+        finally:
+            self._pending.pop(job_id, None)
+
+    async def _publish(self, body: bytes, *, job_id: str, reply: bool, routing_key: str) -> None:
+        message = json_message(
+            body,
+            message_id=job_id,
+            correlation_id=job_id,
+            reply_to=DIRECT_REPLY_TO if reply else None,
+            user_id=self._user_id,
+        )
+        await publish_confirmed(
+            # The routing key (the device) lets a hashing exchange keep a device's jobs
+            # on one queue; the fanout exchange ignores it.
+            self._jobs,
+            [message],
+            routing_key=routing_key,
+            timeout=self._publish_timeout,
+            window=1,
+        )
+
+    async def _on_result(self, message: AbstractIncomingMessage) -> None:
+        try:
+            result = SyncResult.model_validate_json(message.body)
+        except ValidationError as error:
+            log.warning("result ignored: not a valid SyncResult: %s", error.errors()[:1])
+            return
+        future = self._pending.get(message.correlation_id or result.job_id)
+        if future is not None and not future.done():
+            future.set_result(result)
+
+
+def _amqp_user(amqp_url: str) -> str | None:
+    """The AMQP user the connection logs in as; the broker checks ``user_id`` against it."""
+    username = urlsplit(amqp_url).username
+    return unquote(username) if username else "guest"

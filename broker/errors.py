@@ -1,0 +1,17 @@
+"""Typed errors of the messaging layer: callers catch classes, never match message text."""
+
+from __future__ import annotations
+
+__all__ = ["BrokerUnavailable", "Unroutable"]
+
+
+class BrokerUnavailable(Exception):
+    """Transient: a publish was not confirmed in time, nacked, or the connection is gone."""
+
+
+class Unroutable(Exception):
+    """Contract: the broker has no queue for the routing key (for example, no device queue)."""
+
+    def __init__(self, routing_key: str) -> None:
+        super().__init__(f"no queue is bound for routing key {routing_key!r}")
+        self.routing_key = routing_key

@@ -1,0 +1,180 @@
+"""The wire contract: every message that crosses RabbitMQ, as frozen pydantic models.
+
+Each message carries a literal ``schema_version``; a reader rejects versions it does not
+know with a clear reason instead of guessing. A change that breaks readers gets a new
+version.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = [
+    "ENTITY_NAME_PATTERN",
+    "MAX_OBJECTS_PER_JOB",
+    "Change",
+    "ChangeBatch",
+    "ObjectList",
+    "ObjectOutcome",
+    "ObjectRef",
+    "Origin",
+    "OverlayChange",
+    "RemoveChange",
+    "RemoveReason",
+    "Session",
+    "SyncJob",
+    "SyncResult",
+    "UncommittedChange",
+    "UpsertChange",
+]
+
+# Entities may be module-qualified (System.User); members are plain identifiers.
+ENTITY_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_]{0,62}(\.[A-Za-z][A-Za-z0-9_]{0,62})?$"
+MEMBER_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_]{0,62}$"
+DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
+# Bounds the work one job can cause; larger selections are split by the caller.
+MAX_OBJECTS_PER_JOB = 100_000
+
+EntityName = Annotated[str, Field(pattern=ENTITY_NAME_PATTERN)]
+MemberName = Annotated[str, Field(pattern=MEMBER_NAME_PATTERN)]
+DeviceId = Annotated[str, Field(pattern=DEVICE_ID_PATTERN)]
+ObjectId = Annotated[int, Field(ge=1, le=2**63 - 1)]
+Origin = Literal["nanoflow", "event"]
+RemoveReason = Literal["deleted", "gone", "no-access"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ObjectRef(_Frozen):
+    """One object, by entity and id: ``ObjectRef("WorkOrder", 1)``."""
+
+    entity: EntityName
+    id: ObjectId
+
+    def __init__(self, entity: str, id: int) -> None:
+        # Positional construction for callers; the fields still validate as usual.
+        super().__init__(**{"entity": entity, "id": id})
+
+
+class ObjectList(_Frozen):
+    """A list of objects of one entity: ``ObjectList("WorkOrder", [1, 2, 3])``."""
+
+    entity: EntityName
+    ids: tuple[ObjectId, ...]
+
+    def __init__(self, entity: str, ids: list[int] | tuple[int, ...]) -> None:
+        super().__init__(**{"entity": entity, "ids": tuple(ids)})
+
+    def refs(self) -> list[ObjectRef]:
+        return [ObjectRef(self.entity, object_id) for object_id in self.ids]
+
+
+class Session(_Frozen):
+    """Who asks: the session's user and the device the call came from."""
+
+    user_id: ObjectId
+    device_id: DeviceId
+
+
+class UncommittedChange(_Frozen):
+    """Changes the server action made to an object without committing them."""
+
+    ref: ObjectRef
+    changes: dict[MemberName, Any]
+
+
+class SyncJob(_Frozen):
+    """A request to synchronize objects to the session's device."""
+
+    schema_version: Literal[1] = 1
+    job_id: str = Field(min_length=1, max_length=64)
+    session: Session
+    origin: Origin
+    objects: tuple[ObjectRef, ...] = ()
+    lists: tuple[ObjectList, ...] = ()
+    deleted: tuple[ObjectRef, ...] = ()
+    new: tuple[ObjectRef, ...] = ()
+    uncommitted: tuple[UncommittedChange, ...] = ()
+
+    @model_validator(mode="after")
+    def _bounded(self) -> SyncJob:
+        named = len(self.objects) + sum(len(object_list.ids) for object_list in self.lists)
+        context = len(self.deleted) + len(self.new) + len(self.uncommitted)
+        if named + context > MAX_OBJECTS_PER_JOB:
+            raise ValueError(
+                f"job names {named + context} objects; at most {MAX_OBJECTS_PER_JOB} per job"
+            )
+        return self
+
+    def targets(self) -> list[ObjectRef]:
+        """The named objects, each once, in the order first named."""
+        refs = list(self.objects)
+        for object_list in self.lists:
+            refs.extend(object_list.refs())
+        return list(dict.fromkeys(refs))
+
+
+class UpsertChange(_Frozen):
+    op: Literal["upsert"] = "upsert"
+    entity: EntityName
+    id: ObjectId
+    version: int
+    data: dict[str, Any]
+
+
+class RemoveChange(_Frozen):
+    op: Literal["remove"] = "remove"
+    entity: EntityName
+    id: ObjectId
+    reason: RemoveReason
+    # The row version the worker saw, when the row still existed.
+    version: int | None = None
+
+
+class OverlayChange(_Frozen):
+    """Uncommitted changes of the call, shown to the app on top of the committed state."""
+
+    op: Literal["overlay"] = "overlay"
+    entity: EntityName
+    id: ObjectId
+    changes: dict[str, Any]
+
+
+Change = Annotated[UpsertChange | RemoveChange | OverlayChange, Field(discriminator="op")]
+
+
+class ChangeBatch(_Frozen):
+    """A bounded group of changes for one device, applied in one SQLite transaction."""
+
+    schema_version: Literal[1] = 1
+    batch_id: str = Field(min_length=1, max_length=64)
+    job_id: str = Field(min_length=1, max_length=64)
+    device_id: DeviceId
+    changes: tuple[Change, ...]
+
+
+class ObjectOutcome(_Frozen):
+    entity: EntityName
+    id: ObjectId
+    outcome: Literal["synced", "removed", "skipped"]
+    reason: str | None = None
+
+
+class SyncResult(_Frozen):
+    """What the caller learns about its job."""
+
+    schema_version: Literal[1] = 1
+    job_id: str
+    status: Literal["done", "ignored", "rejected"]
+    reason: str | None = None
+    synced: int = 0
+    removed: int = 0
+    skipped: int = 0
+    objects: tuple[ObjectOutcome, ...] = ()
+    # The batches that carry this job's changes; the device has applied the job once
+    # its store lists all of them.
+    batch_ids: tuple[str, ...] = ()

@@ -1,0 +1,65 @@
+"""Confirmed publishing: bounded by a timeout, mandatory, confirmed in windows."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractExchange
+
+from broker.errors import BrokerUnavailable, Unroutable
+
+__all__ = ["json_message", "publish_confirmed"]
+
+
+def json_message(body: bytes, **properties: Any) -> aio_pika.Message:
+    """A persistent JSON message; every message this project publishes is one."""
+    return aio_pika.Message(
+        body,
+        content_type="application/json",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        **properties,
+    )
+
+
+async def _publish_one(
+    exchange: AbstractExchange, message: aio_pika.Message, routing_key: str, timeout: float
+) -> None:
+    try:
+        await exchange.publish(message, routing_key, mandatory=True, timeout=timeout)
+    except aiormq.exceptions.PublishError as error:
+        raise Unroutable(routing_key) from error
+    except (aiormq.exceptions.DeliveryError, aiormq.exceptions.AMQPError) as error:
+        raise BrokerUnavailable(f"publish to {exchange.name!r} failed: {error}") from error
+    except (TimeoutError, ConnectionError, RuntimeError) as error:
+        # aiormq raises ChannelInvalidStateError (a RuntimeError) on a closed channel.
+        raise BrokerUnavailable(f"publish to {exchange.name!r} failed: {error!r}") from error
+
+
+async def publish_confirmed(
+    exchange: AbstractExchange,
+    messages: Sequence[aio_pika.Message],
+    routing_key: str,
+    *,
+    timeout: float,
+    window: int,
+) -> None:
+    """Publish ``messages`` in order, keeping up to ``window`` unconfirmed at a time.
+
+    Returns once the broker confirmed every message. The channel must have been opened
+    with ``publisher_confirms=True, on_return_raises=True``.
+
+    Example::
+
+        await publish_confirmed(changes, [json_message(b"{}")], "dev-1", timeout=5, window=64)
+    """
+    for start in range(0, len(messages), window):
+        chunk = messages[start : start + window]
+        # A job names each object once, so the batches of one window commute; only
+        # successive jobs of a device must arrive in order, and they do (one at a time).
+        await asyncio.gather(
+            *(_publish_one(exchange, message, routing_key, timeout) for message in chunk)
+        )

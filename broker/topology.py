@@ -1,0 +1,114 @@
+"""The RabbitMQ topology as data: exchanges, queues and bindings, declared in one place.
+
+Programs declare what they need once after connecting; the robust connection replays the
+declarations after a reconnect. Handlers never declare.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue, ExchangeType
+
+__all__ = [
+    "CHANGES_EXCHANGE",
+    "DEAD_JOBS_EXCHANGE",
+    "DEAD_JOBS_QUEUE",
+    "JOBS_EXCHANGE",
+    "JOBS_QUEUE",
+    "JOB_DELIVERY_LIMIT",
+    "ExchangeSpec",
+    "QueueSpec",
+    "declare_device_queue",
+    "declare_exchange",
+    "declare_queue",
+    "declare_topology",
+    "delete_device_queue",
+    "device_queue",
+    "device_queue_name",
+]
+
+# A job that fails this many deliveries is dead-lettered by the broker, so a poison job
+# cannot loop.
+JOB_DELIVERY_LIMIT = 5
+
+
+@dataclass(frozen=True)
+class ExchangeSpec:
+    name: str
+    type: ExchangeType
+
+
+@dataclass(frozen=True)
+class QueueSpec:
+    name: str
+    arguments: dict[str, Any] = field(default_factory=dict)
+    bind_to: str | None = None
+    routing_key: str = ""
+
+
+JOBS_EXCHANGE = ExchangeSpec("sync.jobs", ExchangeType.FANOUT)
+DEAD_JOBS_EXCHANGE = ExchangeSpec("sync.jobs.dead", ExchangeType.FANOUT)
+CHANGES_EXCHANGE = ExchangeSpec("sync.changes", ExchangeType.DIRECT)
+
+JOBS_QUEUE = QueueSpec(
+    "sync.jobs",
+    arguments={
+        "x-queue-type": "quorum",
+        "x-delivery-limit": JOB_DELIVERY_LIMIT,
+        "x-dead-letter-exchange": DEAD_JOBS_EXCHANGE.name,
+        # At-least-once dead-lettering needs reject-publish overflow; it keeps a poison
+        # job in the queue until the dead-letter queue has confirmed it.
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    },
+    bind_to=JOBS_EXCHANGE.name,
+)
+DEAD_JOBS_QUEUE = QueueSpec(
+    "sync.jobs.dead",
+    arguments={"x-queue-type": "quorum"},
+    bind_to=DEAD_JOBS_EXCHANGE.name,
+)
+
+
+def device_queue_name(device_id: str) -> str:
+    return f"device.{device_id}"
+
+
+def device_queue(device_id: str) -> QueueSpec:
+    """A device's queue: durable classic v2, cheap while idle, holds batches while offline."""
+    return QueueSpec(
+        device_queue_name(device_id),
+        arguments={"x-queue-type": "classic", "x-queue-version": 2},
+        bind_to=CHANGES_EXCHANGE.name,
+        routing_key=device_id,
+    )
+
+
+async def declare_exchange(channel: AbstractChannel, spec: ExchangeSpec) -> AbstractExchange:
+    return await channel.declare_exchange(spec.name, spec.type, durable=True)
+
+
+async def declare_queue(channel: AbstractChannel, spec: QueueSpec) -> AbstractQueue:
+    queue = await channel.declare_queue(spec.name, durable=True, arguments=spec.arguments)
+    if spec.bind_to is not None:
+        await queue.bind(spec.bind_to, routing_key=spec.routing_key)
+    return queue
+
+
+async def declare_topology(channel: AbstractChannel) -> None:
+    """Declare the shared exchanges and queues; safe to run any number of times."""
+    for exchange in (JOBS_EXCHANGE, DEAD_JOBS_EXCHANGE, CHANGES_EXCHANGE):
+        await declare_exchange(channel, exchange)
+    for queue in (DEAD_JOBS_QUEUE, JOBS_QUEUE):
+        await declare_queue(channel, queue)
+
+
+async def declare_device_queue(channel: AbstractChannel, device_id: str) -> AbstractQueue:
+    await declare_exchange(channel, CHANGES_EXCHANGE)
+    return await declare_queue(channel, device_queue(device_id))
+
+
+async def delete_device_queue(channel: AbstractChannel, device_id: str) -> None:
+    await channel.queue_delete(device_queue_name(device_id))

@@ -1,0 +1,126 @@
+"""The device agent: consumes ``device.<id>`` and applies each batch in one transaction.
+
+Ack policy: a batch is acked only after its SQLite transaction committed. A batch that is
+not valid for this device is logged and dropped (not requeued), so it cannot loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+from pydantic import ValidationError
+
+from broker.connection import connect, open_channel
+from broker.models import ChangeBatch
+from broker.topology import device_queue_name
+from device_agent.settings import AgentSettings
+from device_agent.store import OfflineStore
+
+__all__ = ["DeviceAgent"]
+
+log = logging.getLogger(__name__)
+
+RETRY_DELAY = 1.0
+
+
+class DeviceAgent:
+    """Applies change batches from the device's queue to its ``OfflineStore``.
+
+    Example::
+
+        agent = await DeviceAgent.start(AgentSettings(device_id="dev-1", db_path="dev-1.sqlite"))
+        await agent.run(stop_event)
+    """
+
+    def __init__(
+        self,
+        settings: AgentSettings,
+        connection: AbstractRobustConnection,
+        queue: AbstractQueue,
+        store: OfflineStore,
+    ) -> None:
+        self._settings = settings
+        self._connection = connection
+        self._queue = queue
+        self._store = store
+
+    @classmethod
+    async def start(cls, settings: AgentSettings) -> DeviceAgent:
+        store = await OfflineStore.open(settings.db_path)
+        connection = await connect(settings.amqp_url, f"sync-agent:{settings.device_id}")
+        channel = await open_channel(connection, prefetch=settings.prefetch)
+        # Passive: the queue is created when the device is registered; the agent may
+        # only consume it.
+        queue = await channel.declare_queue(device_queue_name(settings.device_id), passive=True)
+        log.info("agent started device_id=%s db=%s", settings.device_id, settings.db_path)
+        return cls(settings, connection, queue, store)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Apply batches in delivery order until ``stop`` is set, then close."""
+        try:
+            async with self._queue.iterator() as batches:
+                stopping = asyncio.ensure_future(stop.wait())
+                while not stop.is_set():
+                    next_batch = asyncio.ensure_future(anext(batches))
+                    done, _ = await asyncio.wait(
+                        {next_batch, stopping}, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    if next_batch not in done:
+                        next_batch.cancel()
+                        break
+                    await self.on_message(next_batch.result())
+                stopping.cancel()
+        finally:
+            await self._connection.close()
+            await self._store.close()
+            log.info("agent stopped device_id=%s", self._settings.device_id)
+
+    async def on_message(self, message: AbstractIncomingMessage) -> None:
+        started = time.perf_counter()
+        batch = self._parse(message)
+        if batch is None:
+            await message.reject(requeue=False)
+            return
+        try:
+            applied = await self._store.apply_batch(batch)
+        except sqlite3.Error as error:
+            # Disk full, database locked by the app for too long: try again later.
+            log.warning("batch %s not applied (%r); requeued", batch.batch_id, error)
+            await asyncio.sleep(RETRY_DELAY)
+            await message.nack(requeue=True)
+            return
+        await message.ack()
+        log.info(
+            "batch %s job_id=%s device_id=%s batch_id=%s changes=%d ms=%.1f",
+            "applied" if applied else "duplicate-skipped",
+            batch.job_id,
+            batch.device_id,
+            batch.batch_id,
+            len(batch.changes),
+            (time.perf_counter() - started) * 1000,
+        )
+
+    def _parse(self, message: AbstractIncomingMessage) -> ChangeBatch | None:
+        try:
+            batch = ChangeBatch.model_validate_json(message.body)
+        except ValidationError as error:
+            log.error(
+                "batch dropped device_id=%s message_id=%s: invalid change batch: %s",
+                self._settings.device_id,
+                message.message_id,
+                error.errors()[0]["msg"],
+            )
+            return None
+        if batch.device_id != self._settings.device_id:
+            log.error(
+                "batch dropped device_id=%s batch_id=%s: addressed to device %s",
+                self._settings.device_id,
+                batch.batch_id,
+                batch.device_id,
+            )
+            return None
+        return batch

@@ -1,0 +1,3 @@
+"""``syncctl``: operate sync-to-device (database, topology, devices, sync calls, demo)."""
+
+__all__: list[str] = []

@@ -1,0 +1,230 @@
+"""Real services for the tests: the project's own script starts RabbitMQ and PostgreSQL once.
+
+Each test gets clean application tables, empty job queues, fresh device ids and its own
+SQLite files, so tests do not see each other's data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aio_pika
+import asyncpg
+import pytest
+
+from broker import Session, SyncClient, SyncResult
+from broker.connection import connect, open_channel
+from broker.topology import DEAD_JOBS_QUEUE, JOBS_QUEUE, declare_topology
+from device_agent import AgentSettings, DeviceAgent, OfflineStore
+from syncctl.devices import register_device
+from worker import DomainModel, Worker, WorkerSettings, parse_model
+from worker.schema import init_database
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL_PATH = Path(__file__).with_name("model.yaml")
+APP_TABLES = ("t_task", "t_note", "t_report", "t_file", "t_photo")
+
+
+@dataclass(frozen=True)
+class Services:
+    amqp_url: str
+    database_url: str
+
+
+def _service_urls() -> Services:
+    """Start the services with the project's script (idempotent) and read their URLs."""
+    script = ROOT / "scripts" / "services.sh"
+    subprocess.run(["bash", str(script), "start"], check=True, stdout=subprocess.DEVNULL)
+    env_lines = subprocess.run(
+        ["bash", str(script), "env"], check=True, capture_output=True, text=True
+    ).stdout
+    values = dict(
+        line.removeprefix("export ").split("=", 1)
+        for line in env_lines.splitlines()
+        if line.startswith("export ")
+    )
+    return Services(values["SYNC_AMQP_URL"].strip("'\""), values["SYNC_DATABASE_URL"].strip("'\""))
+
+
+@pytest.fixture(scope="session")
+def services() -> Services:
+    return _service_urls()
+
+
+@pytest.fixture(scope="session")
+def model() -> DomainModel:
+    return parse_model(MODEL_PATH.read_text(), str(MODEL_PATH))
+
+
+@pytest.fixture(scope="session")
+async def schema(services: Services, model: DomainModel) -> None:
+    conn = await asyncpg.connect(services.database_url)
+    try:
+        for table in APP_TABLES:
+            await conn.execute(f"DROP TABLE IF EXISTS {table}")
+        await init_database(conn, model, create_tables=True)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+async def amqp(services: Services) -> AsyncIterator[aio_pika.abc.AbstractRobustChannel]:
+    connection = await connect(services.amqp_url, "tests")
+    channel = await open_channel(connection)
+    await declare_topology(channel)
+    yield channel
+    await connection.close()
+
+
+@pytest.fixture
+async def pg(services: Services, schema: None, amqp: object) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(services.database_url)
+    await conn.execute(
+        f"TRUNCATE {', '.join(APP_TABLES)}, sync.device, sync.user_role RESTART IDENTITY"
+    )
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture
+async def clean_queues(amqp: aio_pika.abc.AbstractRobustChannel) -> None:
+    for name in (JOBS_QUEUE.name, DEAD_JOBS_QUEUE.name):
+        await (await amqp.get_queue(name)).purge()
+
+
+def worker_settings(services: Services, **overrides: object) -> WorkerSettings:
+    values: dict[str, object] = {
+        "amqp_url": services.amqp_url,
+        "database_url": services.database_url,
+        "model": MODEL_PATH,
+        "name": f"test-worker-{os.getpid()}",
+        "batch_size": 50,
+        "prefetch": 4,
+    }
+    values.update(overrides)
+    return WorkerSettings(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def worker(
+    services: Services, model: DomainModel, pg: asyncpg.Connection, clean_queues: None
+) -> AsyncIterator[Worker]:
+    running = await Worker.start(worker_settings(services), model)
+    yield running
+    await running.stop()
+
+
+@pytest.fixture
+async def client(services: Services) -> AsyncIterator[SyncClient]:
+    async with await SyncClient.connect(services.amqp_url, name="test-client") as sync_client:
+        yield sync_client
+
+
+@dataclass
+class Device:
+    """A registered device with its running agent and a store to look into."""
+
+    session: Session
+    store: OfflineStore
+    db_path: Path
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+
+    @property
+    def device_id(self) -> str:
+        return self.session.device_id
+
+    async def settled(self, result: SyncResult, timeout: float = 10.0) -> None:
+        """Wait until the device has applied every batch of ``result``."""
+        await self.store.wait_for_batches(result.batch_ids, timeout=timeout)
+
+
+async def wait_for(
+    condition: Callable[[], Awaitable[bool]], *, timeout: float = 10.0, every: float = 0.02
+) -> None:
+    async with asyncio.timeout(timeout):
+        # Polls SQLite, which another process writes: there is nothing to be notified by.
+        while not await condition():  # noqa: ASYNC110
+            await asyncio.sleep(every)
+
+
+MakeDevice = Callable[..., Awaitable[Device]]
+
+
+@pytest.fixture
+async def make_device(
+    services: Services,
+    pg: asyncpg.Connection,
+    amqp: aio_pika.abc.AbstractRobustChannel,
+    tmp_path: Path,
+) -> AsyncIterator[MakeDevice]:
+    devices: list[Device] = []
+
+    async def make(
+        user_id: int,
+        roles: Iterable[str] = (),
+        *,
+        offline: bool = True,
+        run_agent: bool = True,
+    ) -> Device:
+        device_id = f"test-{uuid.uuid4().hex[:12]}"
+        await pg.executemany(
+            "INSERT INTO sync.user_role (user_id, role) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            [(user_id, role) for role in roles],
+        )
+        await register_device(pg, amqp, device_id, user_id, offline=offline)
+        db_path = tmp_path / f"{device_id}.sqlite"
+        device = Device(
+            Session(user_id=user_id, device_id=device_id), await OfflineStore.open(db_path), db_path
+        )
+        if run_agent and offline:
+            await start_agent(services, device)
+        devices.append(device)
+        return device
+
+    yield make
+    for device in devices:
+        await stop_agent(device)
+        await device.store.close()
+        await amqp.queue_delete(f"device.{device.device_id}")
+
+
+async def start_agent(services: Services, device: Device) -> None:
+    settings = AgentSettings(
+        amqp_url=services.amqp_url, device_id=device.device_id, db_path=device.db_path
+    )
+    agent = await DeviceAgent.start(settings)
+    device.stop = asyncio.Event()
+    device.task = asyncio.create_task(agent.run(device.stop))
+
+
+async def stop_agent(device: Device) -> None:
+    if device.task is not None:
+        device.stop.set()
+        await device.task
+        device.task = None
+
+
+async def insert(pg: asyncpg.Connection, table: str, **values: object) -> int:
+    """Insert one application row and return its id."""
+    columns = ", ".join(values)
+    params = ", ".join(f"${i}" for i in range(1, len(values) + 1))
+    object_id: int = await pg.fetchval(
+        f"INSERT INTO {table} ({columns}) VALUES ({params}) RETURNING id", *values.values()
+    )
+    return object_id
+
+
+async def dead_letters(amqp: aio_pika.abc.AbstractRobustChannel) -> dict[str, str]:
+    """The dead-letter queue's jobs: message id -> reason."""
+    queue = await amqp.get_queue(DEAD_JOBS_QUEUE.name)
+    found: dict[str, str] = {}
+    while (message := await queue.get(no_ack=True, fail=False)) is not None:
+        found[message.message_id or ""] = str((message.headers or {}).get("x-sync-reason"))
+    return found

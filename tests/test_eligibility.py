@@ -1,0 +1,94 @@
+"""The per-object rules of SPEC §4 as pure logic, in the table's order of precedence."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from broker import (
+    ObjectRef,
+    OverlayChange,
+    RemoveChange,
+    Session,
+    SyncJob,
+    UncommittedChange,
+    UpsertChange,
+)
+from worker.eligibility import Row, check_job_names, decide
+from worker.errors import JobRejected
+from worker.model import parse_model
+
+MODEL = parse_model((Path(__file__).with_name("model.yaml")).read_text())
+ADMIN = frozenset({"Admin"})
+
+
+def _job(*refs: ObjectRef, **context) -> SyncJob:
+    return SyncJob(
+        job_id="j",
+        session=Session(user_id=1, device_id="d"),
+        origin="nanoflow",
+        objects=refs,
+        **context,
+    )
+
+
+def _row(object_id: int, autocommitted: bool = False) -> Row:
+    return Row(object_id, 10, autocommitted, {"title": "t", "secret": "s"})
+
+
+def _reasons(decision) -> list[tuple[str, str | None]]:
+    return [(o.outcome, o.reason) for o in decision.outcomes]
+
+
+def test_deleted_wins_over_new_and_is_removed_with_the_version_seen():
+    ref = ObjectRef("Task", 1)
+    decision = decide(_job(ref, deleted=(ref,), new=(ref,)), MODEL, ADMIN, {"Task": {1: _row(1)}})
+    assert _reasons(decision) == [("removed", "deleted")]
+    assert decision.changes == [RemoveChange(entity="Task", id=1, reason="deleted", version=10)]
+
+
+def test_new_is_checked_before_gone():
+    ref = ObjectRef("Task", 1)
+    decision = decide(_job(ref, new=(ref,)), MODEL, ADMIN, {"Task": {}})
+    assert _reasons(decision) == [("skipped", "new")]
+    assert decision.changes == []
+
+
+def test_gone_then_autocommitted_then_no_access_then_synced():
+    refs = [ObjectRef("Task", 1), ObjectRef("Task", 2), ObjectRef("Note", 3), ObjectRef("Task", 4)]
+    rows = {"Task": {2: _row(2, autocommitted=True), 4: _row(4)}, "Note": {3: _row(3)}}
+    decision = decide(_job(*refs), MODEL, frozenset({"Worker"}), rows)
+    assert _reasons(decision) == [
+        ("removed", "gone"),
+        ("skipped", "autocommitted"),
+        ("removed", "no-access"),
+        ("synced", None),
+    ]
+
+
+def test_synced_data_and_overlay_carry_readable_members_only():
+    ref = ObjectRef("Task", 4)
+    job = _job(
+        ref, uncommitted=(UncommittedChange(ref=ref, changes={"status": "Done", "secret": "x"}),)
+    )
+    decision = decide(job, MODEL, frozenset({"Worker"}), {"Task": {4: _row(4)}})
+    assert decision.changes == [
+        UpsertChange(entity="Task", id=4, version=10, data={"title": "t"}),
+        OverlayChange(entity="Task", id=4, changes={"status": "Done"}),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("entity", "reason"),
+    [
+        ("Nope", "unknown-entity"),
+        ("Draft", "non-persistable-entity"),
+        ("File", "file-entity"),
+        ("Report", "not-in-offline-profile"),
+    ],
+)
+def test_job_naming_an_unsyncable_entity_is_rejected(entity, reason):
+    with pytest.raises(JobRejected) as rejected:
+        check_job_names(_job(ObjectRef("Task", 1), ObjectRef(entity, 1)), MODEL)
+    assert rejected.value.reason == f"{reason}: {entity}"

@@ -1,0 +1,104 @@
+"""The worker process: wires settings, PostgreSQL, RabbitMQ and the job consumer."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+import asyncpg
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+
+from broker.connection import connect, open_channel
+from broker.topology import (
+    CHANGES_EXCHANGE,
+    DEAD_JOBS_EXCHANGE,
+    JOBS_QUEUE,
+    declare_exchange,
+    declare_topology,
+)
+from worker.consumer import JobConsumer
+from worker.handler import JobHandler
+from worker.model import DomainModel, load_model
+from worker.publisher import BatchPublisher
+from worker.settings import WorkerSettings
+
+__all__ = ["Worker", "run_worker"]
+
+log = logging.getLogger(__name__)
+
+Callback = Callable[[AbstractIncomingMessage], Awaitable[None]]
+
+
+class Worker:
+    """Consumes ``sync.jobs`` until ``stop()``; then finishes the jobs in hand.
+
+    Example::
+
+        worker = await Worker.start(WorkerSettings(), model)
+        ...
+        await worker.stop()
+    """
+
+    def __init__(
+        self, connection: AbstractRobustConnection, pool: asyncpg.Pool, queue: AbstractQueue
+    ) -> None:
+        self._connection = connection
+        self._pool = pool
+        self._queue = queue
+        self._consumer_tag: str | None = None
+        self._in_hand: set[asyncio.Task[None]] = set()
+
+    @classmethod
+    async def start(cls, settings: WorkerSettings, model: DomainModel | None = None) -> Worker:
+        model = model or await load_model(settings.model)
+        pool = await asyncpg.create_pool(
+            settings.database_url, min_size=1, max_size=settings.prefetch + 1
+        )
+        connection = await connect(settings.amqp_url, settings.name)
+        channel = await open_channel(connection, prefetch=settings.prefetch)
+        await declare_topology(channel)
+        publisher = BatchPublisher(
+            await declare_exchange(channel, CHANGES_EXCHANGE),
+            batch_size=settings.batch_size,
+            timeout=settings.publish_timeout,
+            window=settings.confirm_window,
+        )
+        consumer = JobConsumer(
+            JobHandler(pool, model, publisher, chunk_size=settings.chunk_size),
+            await declare_exchange(channel, DEAD_JOBS_EXCHANGE),
+            channel.default_exchange,
+            publish_timeout=settings.publish_timeout,
+        )
+        worker = cls(connection, pool, await channel.get_queue(JOBS_QUEUE.name))
+        worker._consumer_tag = await worker._queue.consume(worker._track(consumer.on_message))
+        log.info("worker started name=%s prefetch=%d", settings.name, settings.prefetch)
+        return worker
+
+    def _track(self, on_message: Callback) -> Callback:
+        async def tracked(message: AbstractIncomingMessage) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            self._in_hand.add(task)
+            try:
+                await on_message(message)
+            finally:
+                self._in_hand.discard(task)
+
+        return tracked
+
+    async def stop(self) -> None:
+        """Stop taking jobs, finish those in hand, then close the connections."""
+        if self._consumer_tag is not None:
+            await self._queue.cancel(self._consumer_tag)
+        if self._in_hand:
+            await asyncio.wait(self._in_hand)
+        await self._connection.close()
+        await self._pool.close()
+        log.info("worker stopped")
+
+
+async def run_worker(settings: WorkerSettings, stop: asyncio.Event) -> None:
+    worker = await Worker.start(settings)
+    await stop.wait()
+    await worker.stop()

@@ -1,0 +1,162 @@
+"""The job consumer: decode, handle, dead-letter bad jobs, reply, and ack at the right time.
+
+Ack policy: a job is acked only after the broker confirmed all its batches (or after a
+rejected job reached the dead-letter queue). Transient failures are retried in place with
+backoff while the delivery is still ours; anything unexpected is returned to the queue,
+where the quorum queue's delivery limit dead-letters a job that keeps failing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+
+from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
+from aiormq.exceptions import AMQPError
+from pydantic import ValidationError
+
+from broker.errors import BrokerUnavailable
+from broker.models import SyncJob, SyncResult
+from broker.publishing import json_message, publish_confirmed
+from worker.errors import TRANSIENT_ERRORS, JobRejected
+from worker.handler import JobHandler
+
+__all__ = ["JobConsumer", "describe_invalid_job"]
+
+log = logging.getLogger(__name__)
+
+REASON_HEADER = "x-sync-reason"
+# The AMQP user that published the job; the broker validated it on the way in.
+USER_HEADER = "x-sync-user-id"
+MAX_BACKOFF = 5.0
+
+
+def describe_invalid_job(body: bytes, error: ValidationError) -> str:
+    """A precise, stack-trace-free reason for a job body that is not a valid ``SyncJob``."""
+    first = error.errors()[0]
+    if first["type"] == "json_invalid":
+        return f"malformed-json: {first['msg']}"
+    where = ".".join(str(part) for part in first["loc"])
+    if where == "schema_version":
+        return f"unsupported-schema-version: {_peek_schema_version(body)!r}"
+    message = first["msg"].removeprefix("Value error, ")
+    return f"invalid-job: {where}: {message}" if where else f"invalid-job: {message}"
+
+
+def _peek_schema_version(body: bytes) -> object:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    return data.get("schema_version") if isinstance(data, dict) else None
+
+
+class JobConsumer:
+    def __init__(
+        self,
+        handler: JobHandler,
+        dead_jobs: AbstractExchange,
+        results: AbstractExchange,
+        *,
+        publish_timeout: float,
+    ) -> None:
+        self._handler = handler
+        self._dead_jobs = dead_jobs
+        self._results = results
+        self._publish_timeout = publish_timeout
+
+    async def on_message(self, message: AbstractIncomingMessage) -> None:
+        started = time.perf_counter()
+        job_id = message.message_id or message.correlation_id or "unknown"
+        try:
+            job = SyncJob.model_validate_json(message.body)
+        except ValidationError as error:
+            await self._reject(message, job_id, describe_invalid_job(message.body, error))
+            return
+        try:
+            result = await self._handle_with_retry(message, job)
+        except JobRejected as rejected:
+            await self._reject(message, job.job_id, rejected.reason, job)
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # A bug, not bad input: hand the job back; the delivery limit stops a loop.
+            log.exception("job failed job_id=%s; returned to the queue", job.job_id)
+            await message.nack(requeue=True)
+            return
+        if result is None:
+            return
+        await self._reply(message, result)
+        await message.ack()
+        log.info(
+            "job done job_id=%s device_id=%s status=%s synced=%d removed=%d skipped=%d "
+            "batches=%d ms=%.1f",
+            job.job_id,
+            job.session.device_id,
+            result.status,
+            result.synced,
+            result.removed,
+            result.skipped,
+            len(result.batch_ids),
+            (time.perf_counter() - started) * 1000,
+        )
+
+    async def _handle_with_retry(
+        self, message: AbstractIncomingMessage, job: SyncJob
+    ) -> SyncResult | None:
+        """Handle ``job``, retrying transient failures; ``None`` when the delivery is lost."""
+        backoff = 0.2
+        while True:
+            try:
+                return await self._handler.handle(job)
+            except TRANSIENT_ERRORS as error:
+                if message.channel.is_closed:
+                    # The broker requeues unacked deliveries of a closed channel.
+                    log.warning("job %s: channel lost (%r); broker redelivers", job.job_id, error)
+                    return None
+                log.warning("job %s: transient %r; retrying in %.1fs", job.job_id, error, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF)
+
+    async def _reject(
+        self,
+        message: AbstractIncomingMessage,
+        job_id: str,
+        reason: str,
+        job: SyncJob | None = None,
+    ) -> None:
+        """Dead-letter the job with its reason, answer ``rejected``, then ack it."""
+        dead = json_message(
+            message.body,
+            message_id=job_id,
+            headers={REASON_HEADER: reason, USER_HEADER: message.user_id},
+        )
+        try:
+            await publish_confirmed(
+                self._dead_jobs, [dead], routing_key="", timeout=self._publish_timeout, window=1
+            )
+        except BrokerUnavailable:
+            log.warning("job %s: dead-letter publish failed; returned to the queue", job_id)
+            await message.nack(requeue=True)
+            return
+        await self._reply(message, SyncResult(job_id=job_id, status="rejected", reason=reason))
+        await message.ack()
+        device_id = job.session.device_id if job else "unknown"
+        log.info("job rejected job_id=%s device_id=%s reason=%s", job_id, device_id, reason)
+
+    async def _reply(self, message: AbstractIncomingMessage, result: SyncResult) -> None:
+        if not message.reply_to:
+            return
+        reply = json_message(
+            result.model_dump_json().encode(), correlation_id=message.correlation_id
+        )
+        try:
+            # Not mandatory: a caller that stopped waiting is no reason to fail the job.
+            await self._results.publish(
+                reply, message.reply_to, mandatory=False, timeout=self._publish_timeout
+            )
+        except (TimeoutError, ConnectionError, RuntimeError, AMQPError) as error:
+            log.warning("result for job %s not sent: %r", result.job_id, error)

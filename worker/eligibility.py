@@ -1,0 +1,131 @@
+"""The eligibility table of SPEC §4, as pure functions over a job and the rows read.
+
+The job-level rows of the table (origin, online app, device ownership) are decided by the
+handler; this module decides what each named object gets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from broker.models import (
+    Change,
+    ObjectOutcome,
+    ObjectRef,
+    OverlayChange,
+    RemoveChange,
+    RemoveReason,
+    SyncJob,
+    UpsertChange,
+)
+from worker.errors import JobRejected
+from worker.model import DomainModel
+
+__all__ = ["Decision", "Row", "check_job_names", "decide"]
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """An object's latest committed state as read from PostgreSQL."""
+
+    id: int
+    version: int
+    autocommitted: bool
+    values: Mapping[str, Any]
+
+
+@dataclass
+class Decision:
+    outcomes: list[ObjectOutcome] = field(default_factory=list)
+    changes: list[Change] = field(default_factory=list)
+
+    def count(self, outcome: str) -> int:
+        return sum(1 for item in self.outcomes if item.outcome == outcome)
+
+
+def check_job_names(job: SyncJob, model: DomainModel) -> None:
+    """Reject the whole job when it names an entity or member that cannot be synchronized."""
+    for entity_name in dict.fromkeys(ref.entity for ref in job.targets()):
+        reason = model.why_not_syncable(entity_name)
+        if reason is not None:
+            raise JobRejected(reason)
+    for change in job.uncommitted:
+        entity = model.entity(change.ref.entity)
+        if entity is None:
+            raise JobRejected(f"unknown-entity: {change.ref.entity}")
+        unknown = sorted(set(change.changes) - set(entity.members))
+        if unknown:
+            raise JobRejected(f"unknown-member: {change.ref.entity}.{unknown[0]}")
+
+
+def decide(
+    job: SyncJob,
+    model: DomainModel,
+    roles: frozenset[str],
+    rows: Mapping[str, Mapping[int, Row]],
+) -> Decision:
+    """What each named object gets, in the order of SPEC §4, each object once.
+
+    ``rows`` holds, per entity, the rows found for the named ids; a missing id is gone.
+    """
+    deleted = set(job.deleted)
+    new = set(job.new)
+    overlays = {change.ref: change.changes for change in job.uncommitted}
+    readable_by_entity = {
+        name: entity.readable_members(roles) for name, entity in model.entities.items()
+    }
+    decision = Decision()
+    for ref in job.targets():
+        row = rows.get(ref.entity, {}).get(ref.id)
+        readable = readable_by_entity[ref.entity]
+        if ref in deleted:
+            _remove(decision, ref, "deleted", row)
+        elif ref in new:
+            # A new object was never committed, so it is not in the database either:
+            # this check must come before "gone".
+            _skip(decision, ref, "new")
+        elif row is None:
+            _remove(decision, ref, "gone", None)
+        elif row.autocommitted:
+            _skip(decision, ref, "autocommitted")
+        elif readable is None:
+            _remove(decision, ref, "no-access", row)
+        else:
+            _sync(decision, ref, row, readable, overlays.get(ref))
+    return decision
+
+
+def _remove(decision: Decision, ref: ObjectRef, reason: RemoveReason, row: Row | None) -> None:
+    decision.outcomes.append(
+        ObjectOutcome(entity=ref.entity, id=ref.id, outcome="removed", reason=reason)
+    )
+    decision.changes.append(
+        RemoveChange(
+            entity=ref.entity, id=ref.id, reason=reason, version=row.version if row else None
+        )
+    )
+
+
+def _skip(decision: Decision, ref: ObjectRef, reason: str) -> None:
+    decision.outcomes.append(
+        ObjectOutcome(entity=ref.entity, id=ref.id, outcome="skipped", reason=reason)
+    )
+
+
+def _sync(
+    decision: Decision,
+    ref: ObjectRef,
+    row: Row,
+    readable: frozenset[str],
+    overlay: Mapping[str, Any] | None,
+) -> None:
+    decision.outcomes.append(ObjectOutcome(entity=ref.entity, id=ref.id, outcome="synced"))
+    data = {member: value for member, value in row.values.items() if member in readable}
+    decision.changes.append(
+        UpsertChange(entity=ref.entity, id=ref.id, version=row.version, data=data)
+    )
+    visible = {member: value for member, value in (overlay or {}).items() if member in readable}
+    if visible:
+        decision.changes.append(OverlayChange(entity=ref.entity, id=ref.id, changes=visible))

@@ -1,0 +1,80 @@
+"""Handles one sync job: the session checks, the read, the decision and the publish."""
+
+from __future__ import annotations
+
+import asyncpg
+
+from broker.models import SyncJob, SyncResult
+from worker.eligibility import check_job_names, decide
+from worker.errors import JobRejected
+from worker.model import DomainModel
+from worker.publisher import BatchPublisher
+from worker.resolver import fetch_roles, fetch_rows
+
+__all__ = ["DEVICE_LOCK_CLASS", "JobHandler", "ignored"]
+
+# Namespaces the per-device advisory locks among any other advisory locks of the database.
+DEVICE_LOCK_CLASS = 0x5D0C
+
+
+def ignored(job: SyncJob, reason: str) -> SyncResult:
+    return SyncResult(job_id=job.job_id, status="ignored", reason=reason)
+
+
+class JobHandler:
+    """Turns a valid ``SyncJob`` into confirmed change batches and a ``SyncResult``.
+
+    Raises ``JobRejected`` for jobs that can never succeed; transient errors propagate.
+    """
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        model: DomainModel,
+        publisher: BatchPublisher,
+        *,
+        chunk_size: int,
+    ) -> None:
+        self._pool = pool
+        self._model = model
+        self._publisher = publisher
+        self._chunk_size = chunk_size
+
+    async def handle(self, job: SyncJob) -> SyncResult:
+        if job.origin != "nanoflow":
+            return ignored(job, "not-called-from-nanoflow")
+        session = job.session
+        async with self._pool.acquire() as conn, conn.transaction(readonly=True):
+            # Held from the read until the batches are confirmed, so two workers cannot
+            # interleave one device's jobs: the later reader always publishes later.
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+                DEVICE_LOCK_CLASS,
+                session.device_id,
+            )
+            device = await conn.fetchrow(
+                "SELECT user_id, offline FROM sync.device WHERE device_id = $1",
+                session.device_id,
+            )
+            if device is None:
+                raise JobRejected("unknown-device")
+            if device["user_id"] != session.user_id:
+                raise JobRejected("device-not-owned")
+            if not device["offline"]:
+                return ignored(job, "online-app")
+            check_job_names(job, self._model)
+            roles = await fetch_roles(conn, session.user_id)
+            rows = await fetch_rows(conn, self._model, job.targets(), chunk_size=self._chunk_size)
+            decision = decide(job, self._model, roles, rows)
+            batch_ids = await self._publisher.publish(
+                job.job_id, session.device_id, decision.changes
+            )
+        return SyncResult(
+            job_id=job.job_id,
+            status="done",
+            synced=decision.count("synced"),
+            removed=decision.count("removed"),
+            skipped=decision.count("skipped"),
+            objects=tuple(decision.outcomes),
+            batch_ids=tuple(batch_ids),
+        )

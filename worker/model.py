@@ -1,0 +1,215 @@
+"""The domain model: what the server knows about entities, loaded from a YAML file.
+
+Every name in the file is checked against a strict pattern at load time, so the SQL built
+from it later only ever quotes identifiers that passed here. A bad file fails at load
+with the position of the mistake (``entities.WorkOrder.access[0].read[1]: ...``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from broker.models import ENTITY_NAME_PATTERN, MEMBER_NAME_PATTERN
+
+__all__ = [
+    "FILE_ENTITIES",
+    "USER_ENTITY",
+    "AccessRule",
+    "Association",
+    "DomainModel",
+    "Entity",
+    "ModelError",
+    "load_model",
+    "parse_model",
+]
+
+log = logging.getLogger(__name__)
+
+USER_ENTITY = "System.User"
+FILE_ENTITIES = frozenset({"System.FileDocument", "System.Image"})
+SYSTEM_ENTITIES = FILE_ENTITIES | {USER_ENTITY}
+TABLE_PATTERN = r"^([a-z_][a-z0-9_]{0,62}\.)?[a-z_][a-z0-9_]{0,62}$"
+COLUMN_PATTERN = r"^[a-z_][a-z0-9_]{0,62}$"
+# Columns every table has by convention; a member may not shadow them.
+RESERVED_MEMBERS = frozenset({"id", "version", "autocommitted"})
+
+EntityName = Annotated[str, Field(pattern=ENTITY_NAME_PATTERN)]
+MemberName = Annotated[str, Field(pattern=MEMBER_NAME_PATTERN)]
+RoleName = Annotated[str, Field(pattern=MEMBER_NAME_PATTERN)]
+AttributeType = Literal["string", "integer", "long", "decimal", "boolean", "datetime"]
+
+
+class ModelError(ValueError):
+    """The model file is invalid; ``where`` is the position, e.g. ``entities.A.table``."""
+
+    def __init__(self, source: str, where: str, message: str) -> None:
+        super().__init__(f"{source}: {where}: {message}")
+        self.source = source
+        self.where = where
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Association(_Spec):
+    """A reference from this entity's table to another entity's id."""
+
+    to: EntityName
+    column: Annotated[str, Field(pattern=COLUMN_PATTERN)]
+
+
+class AccessRule(_Spec):
+    roles: tuple[RoleName, ...] = Field(min_length=1)
+    read: Literal["*"] | tuple[MemberName, ...] = ()
+    constraint: str | None = None
+
+
+class Entity(_Spec):
+    table: Annotated[str, Field(pattern=TABLE_PATTERN)] | None = None
+    persistable: bool = True
+    offline: bool = False
+    generalization: EntityName | None = None
+    attributes: dict[MemberName, AttributeType] = Field(default_factory=dict)
+    associations: dict[MemberName, Association] = Field(default_factory=dict)
+    access: tuple[AccessRule, ...] = ()
+
+    @model_validator(mode="after")
+    def _shape(self) -> Entity:
+        if self.persistable and self.table is None:
+            raise ValueError("a persistable entity needs a 'table'")
+        clash = set(self.attributes) & set(self.associations)
+        if clash:
+            raise ValueError(f"members named twice: {sorted(clash)}")
+        reserved = RESERVED_MEMBERS.intersection(self.members)
+        if reserved:
+            raise ValueError(f"reserved member names: {sorted(reserved)}")
+        return self
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        return (*self.attributes, *self.associations)
+
+    def readable_members(self, roles: frozenset[str]) -> frozenset[str] | None:
+        """Union of ``read`` over the rules of ``roles``; ``None`` when no rule applies.
+
+        Rules with an XPath constraint are not evaluated yet and so never match: access is
+        denied rather than granted for them (see docs/decisions.md).
+        """
+        readable: set[str] | None = None
+        for rule in self.access:
+            if rule.constraint is not None or roles.isdisjoint(rule.roles):
+                continue
+            readable = readable or set()
+            readable.update(self.members if rule.read == "*" else rule.read)
+        return None if readable is None else frozenset(readable)
+
+
+class DomainModel(_Spec):
+    entities: dict[EntityName, Entity]
+
+    def entity(self, name: str) -> Entity | None:
+        return self.entities.get(name)
+
+    def is_file(self, name: str) -> bool:
+        """True when ``name`` generalizes System.FileDocument or System.Image."""
+        seen: set[str] = set()
+        current: str | None = name
+        while current is not None and current not in seen:
+            if current in FILE_ENTITIES:
+                return True
+            seen.add(current)
+            entity = self.entities.get(current)
+            current = entity.generalization if entity else None
+        return False
+
+    def why_not_syncable(self, name: str) -> str | None:
+        """The reason ``name`` can never be synchronized, or ``None`` when it can."""
+        entity = self.entities.get(name)
+        if entity is None:
+            return f"unknown-entity: {name}"
+        if not entity.persistable:
+            return f"non-persistable-entity: {name}"
+        if self.is_file(name):
+            return f"file-entity: {name}"
+        if not entity.offline:
+            return f"not-in-offline-profile: {name}"
+        return None
+
+    @property
+    def offline_entities(self) -> dict[str, Entity]:
+        """The entities a device may hold, by name."""
+        return {
+            name: entity
+            for name, entity in self.entities.items()
+            if self.why_not_syncable(name) is None
+        }
+
+
+def _check_references(model: DomainModel, source: str) -> None:
+    known = set(model.entities) | SYSTEM_ENTITIES
+    for name, entity in model.entities.items():
+        where = f"entities.{name}"
+        if entity.generalization is not None and entity.generalization not in known:
+            raise ModelError(
+                source, f"{where}.generalization", f"unknown entity {entity.generalization!r}"
+            )
+        for assoc_name, association in entity.associations.items():
+            if association.to not in known:
+                raise ModelError(
+                    source,
+                    f"{where}.associations.{assoc_name}.to",
+                    f"unknown entity {association.to!r}",
+                )
+        for position, rule in enumerate(entity.access):
+            unknown = [] if rule.read == "*" else sorted(set(rule.read) - set(entity.members))
+            if unknown:
+                raise ModelError(
+                    source, f"{where}.access[{position}].read", f"unknown members {unknown}"
+                )
+
+
+def parse_model(text: str, source: str = "<model>") -> DomainModel:
+    """Parse and validate a model file's text.
+
+    Example::
+
+        model = parse_model("entities: {Note: {table: note, offline: true}}")
+    """
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "yaml"
+        raise ModelError(
+            source, where, f"not valid YAML: {getattr(error, 'problem', error)}"
+        ) from None
+    if not isinstance(raw, dict):
+        raise ModelError(source, "top", "expected a mapping with 'entities'")
+    try:
+        model = DomainModel.model_validate(raw)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "entities"
+        raise ModelError(source, where, first["msg"].removeprefix("Value error, ")) from None
+    _check_references(model, source)
+    for name, entity in model.entities.items():
+        if any(rule.constraint for rule in entity.access):
+            log.warning(
+                "model %s: %s has XPath constraints; they deny access until the rule engine lands",
+                source,
+                name,
+            )
+    return model
+
+
+async def load_model(path: str | Path) -> DomainModel:
+    """Read and validate the model file at ``path`` without blocking the event loop."""
+    text = await asyncio.to_thread(Path(path).read_text, encoding="utf-8")
+    return parse_model(text, source=str(path))
