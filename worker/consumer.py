@@ -132,7 +132,7 @@ class JobConsumer:
         dead = json_message(
             message.body,
             message_id=job_id,
-            headers={REASON_HEADER: reason, USER_HEADER: message.user_id},
+            headers={REASON_HEADER: reason, USER_HEADER: message.user_id or ""},
         )
         try:
             await publish_confirmed(
