@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-__all__ = ["BrokerUnavailable", "Unroutable"]
+import aiormq
+
+__all__ = ["CHANNEL_GONE", "BrokerUnavailable", "Unroutable"]
+
+# What acking, nacking or publishing raises once the channel or connection is gone. The
+# broker then requeues the delivery by itself, so the right response is to let go of it.
+CHANNEL_GONE: tuple[type[BaseException], ...] = (
+    aiormq.exceptions.AMQPError,
+    aiormq.exceptions.ChannelInvalidStateError,
+    ConnectionError,
+)
 
 
 class BrokerUnavailable(Exception):

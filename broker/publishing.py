@@ -34,8 +34,7 @@ async def _publish_one(
         raise Unroutable(routing_key) from error
     except (aiormq.exceptions.DeliveryError, aiormq.exceptions.AMQPError) as error:
         raise BrokerUnavailable(f"publish to {exchange.name!r} failed: {error}") from error
-    except (TimeoutError, ConnectionError, RuntimeError) as error:
-        # aiormq raises ChannelInvalidStateError (a RuntimeError) on a closed channel.
+    except (TimeoutError, ConnectionError, aiormq.exceptions.ChannelInvalidStateError) as error:
         raise BrokerUnavailable(f"publish to {exchange.name!r} failed: {error!r}") from error
 
 

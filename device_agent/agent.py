@@ -15,6 +15,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustC
 from pydantic import ValidationError
 
 from broker.connection import connect, open_channel
+from broker.delivery import ack, nack
 from broker.models import ChangeBatch
 from broker.topology import device_queue_name
 from device_agent.settings import AgentSettings
@@ -83,7 +84,7 @@ class DeviceAgent:
         started = time.perf_counter()
         batch = self._parse(message)
         if batch is None:
-            await message.reject(requeue=False)
+            await nack(message, requeue=False)
             return
         try:
             applied = await self._store.apply_batch(batch)
@@ -91,9 +92,10 @@ class DeviceAgent:
             # Disk full, database locked by the app for too long: try again later.
             log.warning("batch %s not applied (%r); requeued", batch.batch_id, error)
             await asyncio.sleep(RETRY_DELAY)
-            await message.nack(requeue=True)
+            await nack(message, requeue=True)
             return
-        await message.ack()
+        if not await ack(message):
+            return
         log.info(
             "batch %s job_id=%s device_id=%s batch_id=%s changes=%d ms=%.1f",
             "applied" if applied else "duplicate-skipped",

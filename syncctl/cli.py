@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import asyncpg
@@ -17,23 +17,21 @@ from broker.models import ObjectRef, Session
 from broker.runtime import configure_logging, given_flags
 from broker.topology import DEAD_JOBS_QUEUE, JOBS_QUEUE, declare_topology
 from syncctl.devices import list_devices, register_device, unregister_device
-from syncctl.settings import CtlSettings
 from worker.model import ModelError, load_model
 from worker.schema import init_database
+from worker.settings import ServerSettings
 
 __all__ = ["main"]
 
-Command = Callable[[argparse.Namespace, CtlSettings], Awaitable[int]]
-
 
 @asynccontextmanager
-async def _channel(settings: CtlSettings) -> AsyncIterator[AbstractChannel]:
+async def _channel(settings: ServerSettings) -> AsyncIterator[AbstractChannel]:
     connection = await connect(settings.amqp_url, "syncctl")
     async with connection:
         yield await open_channel(connection)
 
 
-async def db_init(args: argparse.Namespace, settings: CtlSettings) -> int:
+async def db_init(args: argparse.Namespace, settings: ServerSettings) -> int:
     model = await load_model(settings.model)
     conn = await asyncpg.connect(settings.database_url)
     try:
@@ -44,14 +42,14 @@ async def db_init(args: argparse.Namespace, settings: CtlSettings) -> int:
     return 0
 
 
-async def topology_declare(args: argparse.Namespace, settings: CtlSettings) -> int:
+async def topology_declare(args: argparse.Namespace, settings: ServerSettings) -> int:
     async with _channel(settings) as channel:
         await declare_topology(channel)
     print("topology declared: sync.jobs, sync.jobs.dead, sync.changes")
     return 0
 
 
-async def device_add(args: argparse.Namespace, settings: CtlSettings) -> int:
+async def device_add(args: argparse.Namespace, settings: ServerSettings) -> int:
     conn = await asyncpg.connect(settings.database_url)
     try:
         async with _channel(settings) as channel:
@@ -62,7 +60,7 @@ async def device_add(args: argparse.Namespace, settings: CtlSettings) -> int:
     return 0
 
 
-async def device_remove(args: argparse.Namespace, settings: CtlSettings) -> int:
+async def device_remove(args: argparse.Namespace, settings: ServerSettings) -> int:
     conn = await asyncpg.connect(settings.database_url)
     try:
         async with _channel(settings) as channel:
@@ -73,7 +71,7 @@ async def device_remove(args: argparse.Namespace, settings: CtlSettings) -> int:
     return 0 if found else 1
 
 
-async def device_list(args: argparse.Namespace, settings: CtlSettings) -> int:
+async def device_list(args: argparse.Namespace, settings: ServerSettings) -> int:
     conn = await asyncpg.connect(settings.database_url)
     try:
         for device in await list_devices(conn):
@@ -89,7 +87,7 @@ def _ref(text: str) -> ObjectRef:
     return ObjectRef(entity, int(object_id))
 
 
-async def sync(args: argparse.Namespace, settings: CtlSettings) -> int:
+async def sync(args: argparse.Namespace, settings: ServerSettings) -> int:
     async with await SyncClient.connect(settings.amqp_url, name="syncctl") as client:
         result = await client.synchronize_to_device(
             Session(user_id=args.user, device_id=args.device),
@@ -103,7 +101,7 @@ async def sync(args: argparse.Namespace, settings: CtlSettings) -> int:
     return 0 if result.status != "rejected" else 1
 
 
-async def status(args: argparse.Namespace, settings: CtlSettings) -> int:
+async def status(args: argparse.Namespace, settings: ServerSettings) -> int:
     async with _channel(settings) as channel:
         for name in (JOBS_QUEUE.name, DEAD_JOBS_QUEUE.name):
             queue = await channel.declare_queue(name, passive=True)
@@ -114,7 +112,7 @@ async def status(args: argparse.Namespace, settings: CtlSettings) -> int:
     return 0
 
 
-async def demo(args: argparse.Namespace, settings: CtlSettings) -> int:
+async def demo(args: argparse.Namespace, settings: ServerSettings) -> int:
     from syncctl.demo import run_demo  # the demo pulls in worker and agent code
 
     await run_demo(settings, workdir=args.workdir)
@@ -171,7 +169,9 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     configure_logging("WARNING")
     flags = given_flags(args, commands=("command", "action", "run"))
-    settings = CtlSettings(**{k: v for k, v in flags.items() if k in CtlSettings.model_fields})
+    settings = ServerSettings(
+        **{k: v for k, v in flags.items() if k in ServerSettings.model_fields}
+    )
     try:
         sys.exit(asyncio.run(args.run(args, settings)))
     except ModelError as error:

@@ -20,10 +20,10 @@ from broker.models import ObjectList, ObjectRef, Session, SyncResult
 from broker.topology import declare_topology
 from device_agent import AgentSettings, DeviceAgent, OfflineStore
 from syncctl.devices import register_device
-from syncctl.settings import CtlSettings
 from worker import Worker, WorkerSettings, load_model
 from worker.model import DomainModel
 from worker.schema import init_database
+from worker.settings import ServerSettings
 
 __all__ = ["run_demo"]
 
@@ -116,7 +116,7 @@ def _calls() -> list[Call]:
     ]
 
 
-async def _prepare_database(settings: CtlSettings, model: DomainModel) -> None:
+async def _prepare_database(settings: ServerSettings, model: DomainModel) -> None:
     conn = await asyncpg.connect(settings.database_url)
     try:
         await init_database(conn, model, create_tables=True)
@@ -160,7 +160,7 @@ async def _print_device(device_id: str, path: Path) -> None:
                     print(f"        app sees (uncommitted on top): {seen}")
 
 
-async def run_demo(settings: CtlSettings, *, workdir: str) -> None:
+async def run_demo(settings: ServerSettings, *, workdir: str) -> None:
     model = await load_model(settings.model)
     folder = Path(workdir)
     await asyncio.to_thread(shutil.rmtree, folder, True)

@@ -9,8 +9,7 @@ from pathlib import Path
 import yaml
 
 from device_agent.settings import AgentSettings
-from syncctl.settings import CtlSettings
-from worker.settings import WorkerSettings
+from worker.settings import ServerSettings, WorkerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -25,7 +24,7 @@ def test_names_the_services_with_two_workers():
 def test_app_settings_are_ones_the_code_reads():
     known = {
         f"SYNC_{name.upper()}"
-        for settings in (WorkerSettings, AgentSettings, CtlSettings)
+        for settings in (WorkerSettings, AgentSettings, ServerSettings)
         for name in settings.model_fields
     }
     for name in APP_SERVICES:

@@ -41,9 +41,15 @@ class Worker:
     """
 
     def __init__(
-        self, connection: AbstractRobustConnection, pool: asyncpg.Pool, queue: AbstractQueue
+        self,
+        connection: AbstractRobustConnection,
+        pool: asyncpg.Pool,
+        queue: AbstractQueue,
+        *,
+        shutdown_grace: float,
     ) -> None:
         self._connection = connection
+        self._shutdown_grace = shutdown_grace
         self._pool = pool
         self._queue = queue
         self._consumer_tag: str | None = None
@@ -70,7 +76,12 @@ class Worker:
             channel.default_exchange,
             publish_timeout=settings.publish_timeout,
         )
-        worker = cls(connection, pool, await channel.get_queue(JOBS_QUEUE.name))
+        worker = cls(
+            connection,
+            pool,
+            await channel.get_queue(JOBS_QUEUE.name),
+            shutdown_grace=settings.shutdown_grace,
+        )
         worker._consumer_tag = await worker._queue.consume(worker._track(consumer.on_message))
         log.info("worker started name=%s prefetch=%d", settings.name, settings.prefetch)
         return worker
@@ -88,11 +99,17 @@ class Worker:
         return tracked
 
     async def stop(self) -> None:
-        """Stop taking jobs, finish those in hand, then close the connections."""
+        """Stop taking jobs, finish those in hand, then close the connections.
+
+        Jobs still in hand after the grace period (say, waiting out a database outage) are
+        cancelled unacked, so the broker hands them to another worker.
+        """
         if self._consumer_tag is not None:
             await self._queue.cancel(self._consumer_tag)
         if self._in_hand:
-            await asyncio.wait(self._in_hand)
+            _, late = await asyncio.wait(self._in_hand, timeout=self._shutdown_grace)
+            for task in late:
+                task.cancel()
         await self._connection.close()
         await self._pool.close()
         log.info("worker stopped")

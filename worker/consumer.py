@@ -14,10 +14,10 @@ import logging
 import time
 
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
-from aiormq.exceptions import AMQPError
 from pydantic import ValidationError
 
-from broker.errors import BrokerUnavailable
+from broker.delivery import ack, nack
+from broker.errors import CHANNEL_GONE, BrokerUnavailable
 from broker.models import SyncJob, SyncResult
 from broker.publishing import json_message, publish_confirmed
 from worker.errors import TRANSIENT_ERRORS, JobRejected
@@ -31,6 +31,7 @@ REASON_HEADER = "x-sync-reason"
 # The AMQP user that published the job; the broker validated it on the way in.
 USER_HEADER = "x-sync-user-id"
 MAX_BACKOFF = 5.0
+REPLY_FAILED: tuple[type[BaseException], ...] = (TimeoutError, *CHANNEL_GONE)
 
 
 def describe_invalid_job(body: bytes, error: ValidationError) -> str:
@@ -85,12 +86,12 @@ class JobConsumer:
         except Exception:
             # A bug, not bad input: hand the job back; the delivery limit stops a loop.
             log.exception("job failed job_id=%s; returned to the queue", job.job_id)
-            await message.nack(requeue=True)
+            await nack(message, requeue=True)
             return
         if result is None:
             return
         await self._reply(message, result)
-        await message.ack()
+        await ack(message)
         log.info(
             "job done job_id=%s device_id=%s status=%s synced=%d removed=%d skipped=%d "
             "batches=%d ms=%.1f",
@@ -140,10 +141,10 @@ class JobConsumer:
             )
         except BrokerUnavailable:
             log.warning("job %s: dead-letter publish failed; returned to the queue", job_id)
-            await message.nack(requeue=True)
+            await nack(message, requeue=True)
             return
         await self._reply(message, SyncResult(job_id=job_id, status="rejected", reason=reason))
-        await message.ack()
+        await ack(message)
         device_id = job.session.device_id if job else "unknown"
         log.info("job rejected job_id=%s device_id=%s reason=%s", job_id, device_id, reason)
 
@@ -158,5 +159,5 @@ class JobConsumer:
             await self._results.publish(
                 reply, message.reply_to, mandatory=False, timeout=self._publish_timeout
             )
-        except (TimeoutError, ConnectionError, RuntimeError, AMQPError) as error:
+        except REPLY_FAILED as error:
             log.warning("result for job %s not sent: %r", result.job_id, error)

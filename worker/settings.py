@@ -5,17 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["WorkerSettings"]
+from broker.settings import BrokerSettings
+
+__all__ = ["ServerSettings", "WorkerSettings"]
 
 
-class WorkerSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SYNC_", frozen=True, extra="ignore")
+class ServerSettings(BrokerSettings):
+    """What every server-side program needs: the broker, the database and the model."""
 
-    amqp_url: str = "amqp://sync:sync@127.0.0.1:5673/"
     database_url: str = "postgresql://sync:sync@127.0.0.1:5433/sync"
     model: Path = Path("examples/field_service.yaml")
+
+
+class WorkerSettings(ServerSettings):
     name: str = "sync-worker"
     # Jobs in hand at once; each holds one database connection while it runs.
     prefetch: int = Field(default=16, ge=1, le=1000)
@@ -23,3 +26,5 @@ class WorkerSettings(BaseSettings):
     chunk_size: int = Field(default=5_000, ge=1, le=100_000)
     publish_timeout: float = Field(default=10.0, gt=0)
     confirm_window: int = Field(default=64, ge=1, le=10_000)
+    # On SIGTERM, how long jobs in hand may take to finish before they are handed back.
+    shutdown_grace: float = Field(default=30.0, ge=0)
