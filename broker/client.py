@@ -19,6 +19,7 @@ from aio_pika.abc import (
 from pydantic import ValidationError
 
 from broker.connection import connect, open_channel
+from broker.errors import BrokerUnavailable
 from broker.models import (
     ObjectList,
     ObjectRef,
@@ -80,9 +81,24 @@ class SyncClient:
             user_id=_amqp_user(amqp_url),
             publish_timeout=publish_timeout,
         )
-        replies = await channel.get_queue(DIRECT_REPLY_TO, ensure=False)
-        await replies.consume(client._on_result, no_ack=True)
+        await client._consume_replies()
+        # Direct reply-to lives and dies with the channel: the robust channel does not
+        # restore it, so consume again after every reopen, and fail the calls that were
+        # waiting on the old channel instead of letting them time out.
+        channel.reopen_callbacks.add(client._consume_replies)
+        channel.close_callbacks.add(client._fail_pending)
         return client
+
+    async def _consume_replies(self, *_: object) -> None:
+        replies = await self._channel.get_queue(DIRECT_REPLY_TO, ensure=False)
+        await replies.consume(self._on_result, no_ack=True)
+
+    def _fail_pending(self, *_: object) -> None:
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(
+                    BrokerUnavailable("connection to the broker lost before the result came")
+                )
 
     async def __aenter__(self) -> Self:
         return self
@@ -96,8 +112,7 @@ class SyncClient:
         await self.close()
 
     async def close(self) -> None:
-        for future in self._pending.values():
-            future.cancel()
+        self._fail_pending()
         await self._connection.close()
 
     @overload

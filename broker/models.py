@@ -41,6 +41,8 @@ EntityName = Annotated[str, Field(pattern=ENTITY_NAME_PATTERN)]
 MemberName = Annotated[str, Field(pattern=MEMBER_NAME_PATTERN)]
 DeviceId = Annotated[str, Field(pattern=DEVICE_ID_PATTERN)]
 ObjectId = Annotated[int, Field(ge=1, le=2**63 - 1)]
+# Row versions are PostgreSQL bigints; SQLite's INTEGER holds the same range.
+Version = Annotated[int, Field(ge=0, le=2**63 - 1)]
 Origin = Literal["nanoflow", "event"]
 RemoveReason = Literal["deleted", "gone", "no-access"]
 
@@ -122,7 +124,7 @@ class UpsertChange(_Frozen):
     op: Literal["upsert"] = "upsert"
     entity: EntityName
     id: ObjectId
-    version: int
+    version: Version
     data: dict[str, Any]
 
 
@@ -132,7 +134,7 @@ class RemoveChange(_Frozen):
     id: ObjectId
     reason: RemoveReason
     # The row version the worker saw, when the row still existed.
-    version: int | None = None
+    version: Version | None = None
 
 
 class OverlayChange(_Frozen):

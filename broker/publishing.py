@@ -59,6 +59,12 @@ async def publish_confirmed(
         chunk = messages[start : start + window]
         # A job names each object once, so the batches of one window commute; only
         # successive jobs of a device must arrive in order, and they do (one at a time).
-        await asyncio.gather(
-            *(_publish_one(exchange, message, routing_key, timeout) for message in chunk)
+        outcomes = await asyncio.gather(
+            *(_publish_one(exchange, message, routing_key, timeout) for message in chunk),
+            return_exceptions=True,
         )
+        # Every publish of the window has settled (each is bounded by the timeout), so
+        # none is left running unobserved when one failed.
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome

@@ -25,7 +25,8 @@ __all__ = ["DeviceAgent"]
 
 log = logging.getLogger(__name__)
 
-RETRY_DELAY = 1.0
+RETRY_DELAY = 0.2
+MAX_RETRY_DELAY = 5.0
 
 
 class DeviceAgent:
@@ -86,13 +87,8 @@ class DeviceAgent:
         if batch is None:
             await nack(message, requeue=False)
             return
-        try:
-            applied = await self._store.apply_batch(batch)
-        except sqlite3.Error as error:
-            # Disk full, database locked by the app for too long: try again later.
-            log.warning("batch %s not applied (%r); requeued", batch.batch_id, error)
-            await asyncio.sleep(RETRY_DELAY)
-            await nack(message, requeue=True)
+        applied = await self._apply(message, batch)
+        if applied is None:
             return
         if not await ack(message):
             return
@@ -105,6 +101,29 @@ class DeviceAgent:
             len(batch.changes),
             (time.perf_counter() - started) * 1000,
         )
+
+    async def _apply(self, message: AbstractIncomingMessage, batch: ChangeBatch) -> bool | None:
+        """Apply ``batch``, retrying in place; ``None`` when the delivery was let go.
+
+        Retrying in place, not requeueing, keeps the batch ahead of those fetched after it:
+        a requeued batch would be applied behind later ones and could undo them.
+        """
+        delay = RETRY_DELAY
+        while True:
+            try:
+                return await self._store.apply_batch(batch)
+            except sqlite3.Error as error:
+                # Disk full, or the app holding a write lock too long: both pass.
+                log.warning("batch %s not applied (%r); retrying", batch.batch_id, error)
+            except Exception:
+                # A bug or a value SQLite cannot store: requeueing would loop forever.
+                log.exception("batch dropped batch_id=%s: cannot be applied", batch.batch_id)
+                await nack(message, requeue=False)
+                return None
+            if message.channel.is_closed:
+                return None  # the broker requeues it in its place
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, MAX_RETRY_DELAY)
 
     def _parse(self, message: AbstractIncomingMessage) -> ChangeBatch | None:
         try:

@@ -94,6 +94,8 @@ class OfflineStore:
 
     def __init__(self, db: aiosqlite.Connection) -> None:
         self._db = db
+        # One connection, so one transaction at a time across the coroutines using it.
+        self._writing = asyncio.Lock()
 
     @classmethod
     async def open(cls, path: str | Path) -> OfflineStore:
@@ -266,10 +268,11 @@ class OfflineStore:
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[None]:
-        await self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            await self._db.execute("ROLLBACK")
-            raise
-        await self._db.execute("COMMIT")
+        async with self._writing:
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                await self._db.execute("ROLLBACK")
+                raise
+            await self._db.execute("COMMIT")

@@ -6,6 +6,7 @@
 #   scripts/services.sh stop     # stop both (fine if not running)
 #   scripts/services.sh status   # exit 0 only if both are up
 #   scripts/services.sh env      # eval "$(scripts/services.sh env)"
+#   scripts/services.sh rabbitmqctl ARGS...   # rabbitmqctl against our node (tests, ops)
 #
 # Ports can be overridden: SYNC_AMQP_PORT, SYNC_DIST_PORT, SYNC_EPMD_PORT,
 # SYNC_MGMT_PORT, SYNC_PROM_PORT, SYNC_PG_PORT (and SYNC_RABBIT_NODENAME).
@@ -373,11 +374,16 @@ cmd_status() {
 }
 
 usage() {
-    echo "usage: $0 {start|stop|status|env}" >&2
+    echo "usage: $0 {start|stop|status|env|rabbitmqctl ARGS...}" >&2
     exit 2
 }
 
 main() {
+    if [[ "${1:-}" == rabbitmqctl ]]; then
+        shift
+        rmq rabbitmqctl "$@"
+        return
+    fi
     [[ $# -eq 1 ]] || usage
     case "$1" in
         start) cmd_start ;;

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -11,7 +12,7 @@ from functools import partial
 
 import pytest
 
-from broker import ChangeBatch, ObjectList, ObjectRef, SyncClient, UpsertChange
+from broker import ChangeBatch, ObjectList, ObjectRef, SyncClient, SyncJob, UpsertChange
 from broker.publishing import json_message
 from broker.topology import CHANGES_EXCHANGE
 from tests.conftest import ROOT, MakeDevice, Services, insert, wait_for
@@ -106,3 +107,98 @@ async def test_redelivered_batch_changes_nothing(
 
     assert (await device.store.get_committed("Task", task) or {})["title"] == "offline edit"
     assert await device.store.is_dirty("Task", task)
+
+
+async def test_job_redelivered_after_its_batches_went_out_changes_nothing_more(
+    client: SyncClient, make_device: MakeDevice, pg
+):
+    """A worker killed between the confirms and the ack: the broker redelivers the job."""
+    device = await make_device(7, ["Admin"])
+    task = await insert(pg, "t_task", title="server")
+    job = SyncJob(
+        job_id=uuid.uuid4().hex,
+        session=device.session,
+        origin="nanoflow",
+        objects=(ObjectRef("Task", task),),
+    )
+    body = job.model_dump_json().encode()
+    first = await client.publish_raw(body, job_id=job.job_id, timeout=10)
+    await device.settled(first)
+    await device.store.change("Task", task, title="offline edit")
+    await device.store.commit("Task", task)
+
+    again = await client.publish_raw(body, job_id=job.job_id, timeout=10)
+    await device.settled(again)
+    assert again.batch_ids == first.batch_ids
+    assert (await device.store.get_committed("Task", task) or {})["title"] == "offline edit"
+
+
+async def test_unstorable_batch_is_dropped_and_the_agent_goes_on(
+    client: SyncClient, make_device: MakeDevice, pg, amqp
+):
+    device = await make_device(7, ["Admin"])
+    changes = await amqp.get_exchange(CHANGES_EXCHANGE.name)
+    poison = {
+        "schema_version": 1,
+        "batch_id": "poison",
+        "job_id": "poison",
+        "device_id": device.device_id,
+        "changes": [{"op": "upsert", "entity": "Task", "id": 1, "version": 2**63, "data": {}}],
+    }
+    await changes.publish(json_message(json.dumps(poison).encode()), routing_key=device.device_id)
+
+    task = await insert(pg, "t_task", title="after the poison")
+    later = await client.synchronize_to_device(device.session, objects=[ObjectRef("Task", task)])
+    await device.settled(later)
+    assert await device.store.ids("Task") == [task]
+
+
+async def test_everything_recovers_after_the_broker_cuts_all_connections(
+    client: SyncClient, make_device: MakeDevice, pg
+):
+    """Worker, agent and client all lose their connections, as in a network failure."""
+    device = await make_device(7, ["Admin"])
+    task = await insert(pg, "t_task", title="a")
+    await _rabbitmqctl("close_all_connections", "test cuts every connection")
+    await wait_for(_reconnected("test-client"), timeout=15)
+    await wait_for(_reconnected(f"sync-agent:{device.device_id}"), timeout=15)
+
+    result = await client.synchronize_to_device(device.session, objects=[ObjectRef("Task", task)])
+    assert result.status == "done"
+    await device.settled(result)
+    assert await device.store.ids("Task") == [task]
+
+
+def _reconnected(name: str):
+    async def reconnected() -> bool:
+        return len(await _connections_named(name)) == 1
+
+    return reconnected
+
+
+async def _connections_named(name: str) -> list[str]:
+    listing = await _rabbitmqctl(
+        "-q", "list_connections", "name", "client_properties", "--formatter", "json"
+    )
+    return [
+        connection["name"]
+        for connection in json.loads(listing)
+        if _connection_name(connection["client_properties"]) == name
+    ]
+
+
+def _connection_name(client_properties: list[list[object]]) -> object:
+    return next((value for key, _, value in client_properties if key == "connection_name"), None)
+
+
+async def _rabbitmqctl(*args: str) -> bytes:
+    process = await asyncio.create_subprocess_exec(
+        "bash",
+        str(ROOT / "scripts" / "services.sh"),
+        "rabbitmqctl",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    output, _ = await process.communicate()
+    assert process.returncode == 0, args
+    return output

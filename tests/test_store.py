@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import pytest
@@ -93,3 +94,10 @@ async def test_failed_batch_leaves_nothing_behind(store: OfflineStore):
         await store.apply_batch(bad)
     assert await store.get_committed("Task", 1) is None
     assert await store.applied_batch_ids([bad.batch_id]) == set()
+
+
+async def test_concurrent_app_changes_each_commit(store: OfflineStore):
+    await asyncio.gather(*(store.change("Task", n, title=f"t{n}") for n in range(1, 21)))
+    await asyncio.gather(*(store.commit("Task", n) for n in range(1, 21)))
+    assert await store.ids("Task") == list(range(1, 21))
+    assert all([await store.is_dirty("Task", n) for n in range(1, 21)])

@@ -2,17 +2,39 @@
 
 from __future__ import annotations
 
-import uuid
+import hashlib
 from collections.abc import Sequence
 
 from aio_pika.abc import AbstractExchange
+from pydantic import TypeAdapter
 
 from broker.errors import Unroutable
 from broker.models import Change, ChangeBatch
 from broker.publishing import json_message, publish_confirmed
 from worker.errors import JobRejected
 
-__all__ = ["BatchPublisher"]
+__all__ = ["BatchPublisher", "batch_id"]
+
+_CHANGES = TypeAdapter(tuple[Change, ...])
+
+
+def batch_id(job_id: str, changes: tuple[Change, ...]) -> str:
+    """The id of a batch, derived from its job and content.
+
+    A job redelivered after its batches went out (a worker killed before its ack) reads
+    again: if nothing changed it makes the same batches, which the device skips as
+    applied, so offline edits made in between survive; newer state makes new ids and
+    is applied.
+    """
+    digest = hashlib.sha256(job_id.encode())
+    digest.update(_CHANGES.dump_json(changes))
+    return digest.hexdigest()[:32]
+
+
+def _batch(job_id: str, device_id: str, changes: tuple[Change, ...]) -> ChangeBatch:
+    return ChangeBatch(
+        batch_id=batch_id(job_id, changes), job_id=job_id, device_id=device_id, changes=changes
+    )
 
 
 class BatchPublisher:
@@ -25,18 +47,9 @@ class BatchPublisher:
         self._window = window
 
     async def publish(self, job_id: str, device_id: str, changes: Sequence[Change]) -> list[str]:
-        """Publish ``changes`` in batches; returns the batch ids once all are confirmed.
-
-        Batch ids are fresh on every attempt: a redelivered job reads again and may carry
-        newer state, which must not be mistaken for a batch the device already applied.
-        """
+        """Publish ``changes`` in batches; returns the batch ids once all are confirmed."""
         batches = [
-            ChangeBatch(
-                batch_id=uuid.uuid4().hex,
-                job_id=job_id,
-                device_id=device_id,
-                changes=tuple(changes[start : start + self._batch_size]),
-            )
+            _batch(job_id, device_id, tuple(changes[start : start + self._batch_size]))
             for start in range(0, len(changes), self._batch_size)
         ]
         messages = [
