@@ -29,6 +29,7 @@ from worker.schema import init_database
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_PATH = Path(__file__).with_name("model.yaml")
 APP_TABLES = ("t_task", "t_note", "t_report", "t_file", "t_photo")
+BROKEN_TABLES = ("t_ghost",)
 
 
 @dataclass(frozen=True)
@@ -66,9 +67,11 @@ def model() -> DomainModel:
 async def schema(services: Services, model: DomainModel) -> None:
     conn = await asyncpg.connect(services.database_url)
     try:
-        for table in APP_TABLES:
+        for table in (*APP_TABLES, *BROKEN_TABLES):
             await conn.execute(f"DROP TABLE IF EXISTS {table}")
         await init_database(conn, model, create_tables=True)
+        for table in BROKEN_TABLES:
+            await conn.execute(f"DROP TABLE {table}")
     finally:
         await conn.close()
 

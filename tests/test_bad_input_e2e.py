@@ -8,6 +8,7 @@ import uuid
 import pytest
 
 from broker import ObjectRef, SyncClient
+from broker.topology import JOB_DELIVERY_LIMIT
 from tests.conftest import MakeDevice, dead_letters, insert
 
 pytestmark = pytest.mark.usefixtures("worker")
@@ -93,3 +94,20 @@ async def test_unknown_device_is_rejected(client: SyncClient, pg, amqp):
         Session(user_id=7, device_id="never-registered"), objects=[ObjectRef("Task", 1)]
     )
     assert (result.status, result.reason) == ("rejected", "unknown-device")
+
+
+async def test_job_that_keeps_failing_is_dead_lettered_with_a_reason(
+    client: SyncClient, make_device: MakeDevice, pg, amqp
+):
+    device = await make_device(7, ["Admin"])
+    result = await client.synchronize_to_device(device.session, objects=[ObjectRef("Ghost", 1)])
+
+    assert (result.status, result.reason) == (
+        "rejected",
+        f"job-failed: UndefinedTableError on {JOB_DELIVERY_LIMIT} attempts",
+    )
+    assert (await dead_letters(amqp)).get(result.job_id) == result.reason
+    task = await insert(pg, "t_task", title="still works")
+    later = await client.synchronize_to_device(device.session, objects=[ObjectRef("Task", task)])
+    await device.settled(later)
+    assert await device.store.ids("Task") == [task]

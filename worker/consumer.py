@@ -20,6 +20,7 @@ from broker.delivery import ack, nack
 from broker.errors import CHANNEL_GONE, BrokerUnavailable
 from broker.models import SyncJob, SyncResult
 from broker.publishing import json_message, publish_confirmed
+from broker.topology import JOB_DELIVERY_LIMIT
 from worker.errors import TRANSIENT_ERRORS, JobRejected
 from worker.handler import JobHandler
 
@@ -44,6 +45,12 @@ def describe_invalid_job(body: bytes, error: ValidationError) -> str:
         return f"unsupported-schema-version: {_peek_schema_version(body)!r}"
     message = first["msg"].removeprefix("Value error, ")
     return f"invalid-job: {where}: {message}" if where else f"invalid-job: {message}"
+
+
+def _delivery_count(message: AbstractIncomingMessage) -> int:
+    """Earlier failed deliveries of this job, as counted by the quorum queue."""
+    count = (message.headers or {}).get("x-delivery-count", 0)
+    return count if isinstance(count, int) else 0
 
 
 def _peek_schema_version(body: bytes) -> object:
@@ -81,12 +88,8 @@ class JobConsumer:
         except JobRejected as rejected:
             await self._reject(message, job.job_id, rejected.reason, job)
             return
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            # A bug, not bad input: hand the job back; the delivery limit stops a loop.
-            log.exception("job failed job_id=%s; returned to the queue", job.job_id)
-            await nack(message, requeue=True)
+        except Exception as error:
+            await self._failed(message, job, error)
             return
         if result is None:
             return
@@ -104,6 +107,27 @@ class JobConsumer:
             len(result.batch_ids),
             (time.perf_counter() - started) * 1000,
         )
+
+    async def _failed(
+        self, message: AbstractIncomingMessage, job: SyncJob, error: Exception
+    ) -> None:
+        """A bug or a broken database, not bad input: try again, but not forever."""
+        attempt = _delivery_count(message) + 1
+        log.error(
+            "job failed job_id=%s device_id=%s attempt=%d/%d",
+            job.job_id,
+            job.session.device_id,
+            attempt,
+            JOB_DELIVERY_LIMIT,
+            exc_info=error,
+        )
+        if attempt < JOB_DELIVERY_LIMIT:
+            await nack(message, requeue=True)
+            return
+        # The last attempt dead-letters the job itself, so the caller learns why (the
+        # broker's own delivery limit is the backstop if this worker dies first).
+        reason = f"job-failed: {type(error).__name__} on {attempt} attempts"
+        await self._reject(message, job.job_id, reason, job)
 
     async def _handle_with_retry(
         self, message: AbstractIncomingMessage, job: SyncJob
