@@ -6,8 +6,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Iterable, Mapping
-from types import TracebackType
-from typing import Any, Literal, Self, overload
+from typing import Any, Literal, overload
 from urllib.parse import unquote, urlsplit
 
 from aio_pika.abc import (
@@ -18,6 +17,7 @@ from aio_pika.abc import (
 )
 from pydantic import ValidationError
 
+from broker.closing import AsyncClosable
 from broker.connection import connect, open_channel
 from broker.errors import BrokerUnavailable
 from broker.models import (
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 
 
-class SyncClient:
+class SyncClient(AsyncClosable):
     """Publishes sync jobs and, when asked, waits for their results.
 
     Example::
@@ -99,17 +99,6 @@ class SyncClient:
                 future.set_exception(
                     BrokerUnavailable("connection to the broker lost before the result came")
                 )
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def close(self) -> None:
         self._fail_pending()

@@ -18,11 +18,11 @@ import json
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import aiosqlite
 
+from broker.closing import AsyncClosable
 from broker.models import ChangeBatch, OverlayChange, RemoveChange, UpsertChange
 
 __all__ = ["OfflineStore"]
@@ -81,7 +81,7 @@ ON CONFLICT (entity, id, member) DO UPDATE SET value = excluded.value
 """
 
 
-class OfflineStore:
+class OfflineStore(AsyncClosable):
     """The device's offline database.
 
     Example::
@@ -110,17 +110,6 @@ class OfflineStore:
 
     async def close(self) -> None:
         await self._db.close()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     # The app's view.
 
