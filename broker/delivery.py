@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from aio_pika.abc import AbstractIncomingMessage
 
 from broker.errors import CHANNEL_GONE
 
-__all__ = ["ack", "nack"]
+__all__ = ["ack", "nack", "retry_while_held"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+FIRST_BACKOFF = 0.2
+MAX_BACKOFF = 5.0
 
 
 async def ack(message: AbstractIncomingMessage) -> bool:
@@ -33,3 +41,29 @@ async def nack(message: AbstractIncomingMessage, *, requeue: bool) -> None:
         await message.nack(requeue=requeue)
     except CHANNEL_GONE as error:
         log.warning("nack lost message_id=%s: %r", message.message_id, error)
+
+
+async def retry_while_held(
+    message: AbstractIncomingMessage,
+    operation: Callable[[], Awaitable[T]],
+    *,
+    transient: tuple[type[BaseException], ...],
+    what: str,
+) -> T | None:
+    """Run ``operation``, retrying ``transient`` errors with backoff while the delivery is ours.
+
+    Retrying in place, not requeueing, keeps the message ahead of those fetched after it
+    and does not count as a redelivery. Returns ``None`` once the channel is gone: the
+    broker then requeues the message in its place. Other errors propagate.
+    """
+    backoff = FIRST_BACKOFF
+    while True:
+        try:
+            return await operation()
+        except transient as error:
+            if message.channel.is_closed:
+                log.warning("%s: channel lost (%r); the broker redelivers", what, error)
+                return None
+            log.warning("%s: transient %r; retrying in %.1fs", what, error, backoff)
+        await asyncio.sleep(backoff)
+        backoff = min(backoff * 2, MAX_BACKOFF)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import aiormq
 
-__all__ = ["CHANNEL_GONE", "BrokerUnavailable", "Unroutable"]
+__all__ = ["CHANNEL_GONE", "PUBLISH_FAILED", "BrokerUnavailable", "Unroutable"]
 
 # What acking, nacking or publishing raises once the channel or connection is gone. The
 # broker then requeues the delivery by itself, so the right response is to let go of it.
@@ -13,6 +13,8 @@ CHANNEL_GONE: tuple[type[BaseException], ...] = (
     aiormq.exceptions.ChannelInvalidStateError,
     ConnectionError,
 )
+# What a publish raises when the broker is out of reach or too slow to confirm.
+PUBLISH_FAILED: tuple[type[BaseException], ...] = (TimeoutError, *CHANNEL_GONE)
 
 
 class BrokerUnavailable(Exception):

@@ -10,7 +10,7 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractExchange
 
-from broker.errors import BrokerUnavailable, Unroutable
+from broker.errors import PUBLISH_FAILED, BrokerUnavailable, Unroutable
 
 __all__ = ["json_message", "publish_confirmed"]
 
@@ -32,9 +32,8 @@ async def _publish_one(
         await exchange.publish(message, routing_key, mandatory=True, timeout=timeout)
     except aiormq.exceptions.PublishError as error:
         raise Unroutable(routing_key) from error
-    except (aiormq.exceptions.DeliveryError, aiormq.exceptions.AMQPError) as error:
-        raise BrokerUnavailable(f"publish to {exchange.name!r} failed: {error}") from error
-    except (TimeoutError, ConnectionError, aiormq.exceptions.ChannelInvalidStateError) as error:
+    except PUBLISH_FAILED as error:
+        # Includes a nack (DeliveryError): the broker did not take the message.
         raise BrokerUnavailable(f"publish to {exchange.name!r} failed: {error!r}") from error
 
 

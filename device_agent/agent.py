@@ -10,12 +10,13 @@ import asyncio
 import logging
 import sqlite3
 import time
+from functools import partial
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 from pydantic import ValidationError
 
 from broker.connection import connect, open_channel
-from broker.delivery import ack, nack
+from broker.delivery import ack, nack, retry_while_held
 from broker.models import ChangeBatch
 from broker.topology import device_queue_name
 from device_agent.settings import AgentSettings
@@ -24,9 +25,6 @@ from device_agent.store import OfflineStore
 __all__ = ["DeviceAgent"]
 
 log = logging.getLogger(__name__)
-
-RETRY_DELAY = 0.2
-MAX_RETRY_DELAY = 5.0
 
 
 class DeviceAgent:
@@ -103,27 +101,23 @@ class DeviceAgent:
         )
 
     async def _apply(self, message: AbstractIncomingMessage, batch: ChangeBatch) -> bool | None:
-        """Apply ``batch``, retrying in place; ``None`` when the delivery was let go.
+        """Apply ``batch``, retrying SQLite errors in place; ``None`` when it was let go.
 
-        Retrying in place, not requeueing, keeps the batch ahead of those fetched after it:
-        a requeued batch would be applied behind later ones and could undo them.
+        A requeued batch would be applied behind those fetched after it and could undo
+        them, so SQLite errors (disk full, the app holding a write lock) are waited out.
         """
-        delay = RETRY_DELAY
-        while True:
-            try:
-                return await self._store.apply_batch(batch)
-            except sqlite3.Error as error:
-                # Disk full, or the app holding a write lock too long: both pass.
-                log.warning("batch %s not applied (%r); retrying", batch.batch_id, error)
-            except Exception:
-                # A bug or a value SQLite cannot store: requeueing would loop forever.
-                log.exception("batch dropped batch_id=%s: cannot be applied", batch.batch_id)
-                await nack(message, requeue=False)
-                return None
-            if message.channel.is_closed:
-                return None  # the broker requeues it in its place
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, MAX_RETRY_DELAY)
+        try:
+            return await retry_while_held(
+                message,
+                partial(self._store.apply_batch, batch),
+                transient=(sqlite3.Error,),
+                what=f"batch {batch.batch_id}",
+            )
+        except Exception:
+            # A bug or a value SQLite cannot store: requeueing would loop forever.
+            log.exception("batch dropped batch_id=%s: cannot be applied", batch.batch_id)
+            await nack(message, requeue=False)
+            return None
 
     def _parse(self, message: AbstractIncomingMessage) -> ChangeBatch | None:
         try:

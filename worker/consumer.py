@@ -8,16 +8,16 @@ where the quorum queue's delivery limit dead-letters a job that keeps failing.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
+from functools import partial
 
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
 from pydantic import ValidationError
 
-from broker.delivery import ack, nack
-from broker.errors import CHANNEL_GONE, BrokerUnavailable
+from broker.delivery import ack, nack, retry_while_held
+from broker.errors import PUBLISH_FAILED, BrokerUnavailable
 from broker.models import SyncJob, SyncResult
 from broker.publishing import json_message, publish_confirmed
 from broker.topology import JOB_DELIVERY_LIMIT
@@ -31,8 +31,6 @@ log = logging.getLogger(__name__)
 REASON_HEADER = "x-sync-reason"
 # The AMQP user that published the job; the broker validated it on the way in.
 USER_HEADER = "x-sync-user-id"
-MAX_BACKOFF = 5.0
-REPLY_FAILED: tuple[type[BaseException], ...] = (TimeoutError, *CHANNEL_GONE)
 
 
 def describe_invalid_job(body: bytes, error: ValidationError) -> str:
@@ -84,7 +82,12 @@ class JobConsumer:
             await self._reject(message, job_id, describe_invalid_job(message.body, error))
             return
         try:
-            result = await self._handle_with_retry(message, job)
+            result = await retry_while_held(
+                message,
+                partial(self._handler.handle, job),
+                transient=TRANSIENT_ERRORS,
+                what=f"job {job.job_id}",
+            )
         except JobRejected as rejected:
             await self._reject(message, job.job_id, rejected.reason, job)
             return
@@ -129,23 +132,6 @@ class JobConsumer:
         reason = f"job-failed: {type(error).__name__} on {attempt} attempts"
         await self._reject(message, job.job_id, reason, job)
 
-    async def _handle_with_retry(
-        self, message: AbstractIncomingMessage, job: SyncJob
-    ) -> SyncResult | None:
-        """Handle ``job``, retrying transient failures; ``None`` when the delivery is lost."""
-        backoff = 0.2
-        while True:
-            try:
-                return await self._handler.handle(job)
-            except TRANSIENT_ERRORS as error:
-                if message.channel.is_closed:
-                    # The broker requeues unacked deliveries of a closed channel.
-                    log.warning("job %s: channel lost (%r); broker redelivers", job.job_id, error)
-                    return None
-                log.warning("job %s: transient %r; retrying in %.1fs", job.job_id, error, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF)
-
     async def _reject(
         self,
         message: AbstractIncomingMessage,
@@ -183,5 +169,5 @@ class JobConsumer:
             await self._results.publish(
                 reply, message.reply_to, mandatory=False, timeout=self._publish_timeout
             )
-        except REPLY_FAILED as error:
+        except PUBLISH_FAILED as error:
             log.warning("result for job %s not sent: %r", result.job_id, error)
