@@ -20,7 +20,7 @@ from worker.errors import JobRejected
 from worker.model import parse_model
 
 MODEL = parse_model((Path(__file__).with_name("model.yaml")).read_text())
-ADMIN = frozenset({"Admin"})
+WORKER_READS = frozenset({"title", "status"})
 
 
 def _job(*refs: ObjectRef, **context) -> SyncJob:
@@ -33,8 +33,12 @@ def _job(*refs: ObjectRef, **context) -> SyncJob:
     )
 
 
-def _row(object_id: int, autocommitted: bool = False) -> Row:
-    return Row(object_id, 10, autocommitted, {"title": "t", "secret": "s"})
+def _row(
+    object_id: int,
+    autocommitted: bool = False,
+    readable: frozenset[str] | None = WORKER_READS,
+) -> Row:
+    return Row(object_id, 10, autocommitted, {"title": "t", "secret": "s"}, readable)
 
 
 def _reasons(decision) -> list[tuple[str, str | None]]:
@@ -43,22 +47,25 @@ def _reasons(decision) -> list[tuple[str, str | None]]:
 
 def test_deleted_wins_over_new_and_is_removed_with_the_version_seen():
     ref = ObjectRef("Task", 1)
-    decision = decide(_job(ref, deleted=(ref,), new=(ref,)), MODEL, ADMIN, {"Task": {1: _row(1)}})
+    decision = decide(_job(ref, deleted=(ref,), new=(ref,)), {"Task": {1: _row(1)}})
     assert _reasons(decision) == [("removed", "deleted")]
     assert decision.changes == [RemoveChange(entity="Task", id=1, reason="deleted", version=10)]
 
 
 def test_new_is_checked_before_gone():
     ref = ObjectRef("Task", 1)
-    decision = decide(_job(ref, new=(ref,)), MODEL, ADMIN, {"Task": {}})
+    decision = decide(_job(ref, new=(ref,)), {"Task": {}})
     assert _reasons(decision) == [("skipped", "new")]
     assert decision.changes == []
 
 
 def test_gone_then_autocommitted_then_no_access_then_synced():
     refs = [ObjectRef("Task", 1), ObjectRef("Task", 2), ObjectRef("Note", 3), ObjectRef("Task", 4)]
-    rows = {"Task": {2: _row(2, autocommitted=True), 4: _row(4)}, "Note": {3: _row(3)}}
-    decision = decide(_job(*refs), MODEL, frozenset({"Worker"}), rows)
+    rows = {
+        "Task": {2: _row(2, autocommitted=True, readable=None), 4: _row(4)},
+        "Note": {3: _row(3, readable=None)},
+    }
+    decision = decide(_job(*refs), rows)
     assert _reasons(decision) == [
         ("removed", "gone"),
         ("skipped", "autocommitted"),
@@ -72,7 +79,7 @@ def test_synced_data_and_overlay_carry_readable_members_only():
     job = _job(
         ref, uncommitted=(UncommittedChange(ref=ref, changes={"status": "Done", "secret": "x"}),)
     )
-    decision = decide(job, MODEL, frozenset({"Worker"}), {"Task": {4: _row(4)}})
+    decision = decide(job, {"Task": {4: _row(4)}})
     assert decision.changes == [
         UpsertChange(entity="Task", id=4, version=10, data={"title": "t"}),
         OverlayChange(entity="Task", id=4, changes={"status": "Done"}),

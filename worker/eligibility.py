@@ -28,12 +28,17 @@ __all__ = ["Decision", "Row", "check_job_names", "decide"]
 
 @dataclass(frozen=True, slots=True)
 class Row:
-    """An object's latest committed state as read from PostgreSQL."""
+    """An object's latest committed state as read from PostgreSQL.
+
+    ``readable`` holds the members the user's matching access rules let them read, or
+    ``None`` when no rule of any of their roles matches the object.
+    """
 
     id: int
     version: int
     autocommitted: bool
     values: Mapping[str, Any]
+    readable: frozenset[str] | None
 
 
 @dataclass
@@ -60,12 +65,7 @@ def check_job_names(job: SyncJob, model: DomainModel) -> None:
             raise JobRejected(f"unknown-member: {change.ref.entity}.{unknown[0]}")
 
 
-def decide(
-    job: SyncJob,
-    model: DomainModel,
-    roles: frozenset[str],
-    rows: Mapping[str, Mapping[int, Row]],
-) -> Decision:
+def decide(job: SyncJob, rows: Mapping[str, Mapping[int, Row]]) -> Decision:
     """What each named object gets, in the order of SPEC §4, each object once.
 
     ``rows`` holds, per entity, the rows found for the named ids; a missing id is gone.
@@ -73,13 +73,9 @@ def decide(
     deleted = set(job.deleted)
     new = set(job.new)
     overlays = {change.ref: change.changes for change in job.uncommitted}
-    readable_by_entity = {
-        name: entity.readable_members(roles) for name, entity in model.entities.items()
-    }
     decision = Decision()
     for ref in job.targets():
         row = rows.get(ref.entity, {}).get(ref.id)
-        readable = readable_by_entity[ref.entity]
         if ref in deleted:
             _remove(decision, ref, "deleted", row)
         elif ref in new:
@@ -90,10 +86,10 @@ def decide(
             _remove(decision, ref, "gone", None)
         elif row.autocommitted:
             _skip(decision, ref, "autocommitted")
-        elif readable is None:
+        elif row.readable is None:
             _remove(decision, ref, "no-access", row)
         else:
-            _sync(decision, ref, row, readable, overlays.get(ref))
+            _sync(decision, ref, row, row.readable, overlays.get(ref))
     return decision
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncpg
 
 from broker.models import SyncJob, SyncResult
+from worker.access import AccessPolicy
 from worker.eligibility import check_job_names, decide
 from worker.errors import JobRejected
 from worker.model import DomainModel
@@ -37,6 +38,7 @@ class JobHandler:
     ) -> None:
         self._pool = pool
         self._model = model
+        self._policy = AccessPolicy(model)
         self._publisher = publisher
         self._chunk_size = chunk_size
 
@@ -64,8 +66,15 @@ class JobHandler:
                 return ignored(job, "online-app")
             check_job_names(job, self._model)
             roles = await fetch_roles(conn, session.user_id)
-            rows = await fetch_rows(conn, self._model, job.targets(), chunk_size=self._chunk_size)
-            decision = decide(job, self._model, roles, rows)
+            rows = await fetch_rows(
+                conn,
+                self._policy,
+                job.targets(),
+                session=session,
+                roles=roles,
+                chunk_size=self._chunk_size,
+            )
+            decision = decide(job, rows)
             batch_ids = await self._publisher.publish(
                 job.job_id, session.device_id, decision.changes
             )

@@ -8,7 +8,6 @@ with the position of the mistake (``entities.WorkOrder.access[0].read[1]: ...``)
 from __future__ import annotations
 
 import asyncio
-import logging
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -16,6 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from broker.models import ENTITY_NAME_PATTERN, MEMBER_NAME_PATTERN
+from worker.rules import ConstraintError, Parameters, compile_constraint
+from worker.system import FILE_ENTITIES, SYSTEM_ENTITIES, USER_ENTITY
 
 __all__ = [
     "FILE_ENTITIES",
@@ -29,11 +30,6 @@ __all__ = [
     "parse_model",
 ]
 
-log = logging.getLogger(__name__)
-
-USER_ENTITY = "System.User"
-FILE_ENTITIES = frozenset({"System.FileDocument", "System.Image"})
-SYSTEM_ENTITIES = FILE_ENTITIES | {USER_ENTITY}
 TABLE_PATTERN = r"^([a-z_][a-z0-9_]{0,62}\.)?[a-z_][a-z0-9_]{0,62}$"
 COLUMN_PATTERN = r"^[a-z_][a-z0-9_]{0,62}$"
 # Columns every table has by convention; a member may not shadow them.
@@ -66,6 +62,8 @@ class Association(_Spec):
 
 
 class AccessRule(_Spec):
+    """Users with any of ``roles`` may read ``read`` of the objects matching ``constraint``."""
+
     roles: tuple[RoleName, ...] = Field(min_length=1)
     read: Literal["*"] | tuple[MemberName, ...] = ()
     constraint: str | None = None
@@ -96,19 +94,9 @@ class Entity(_Spec):
     def members(self) -> tuple[str, ...]:
         return (*self.attributes, *self.associations)
 
-    def readable_members(self, roles: frozenset[str]) -> frozenset[str] | None:
-        """Union of ``read`` over the rules of ``roles``; ``None`` when no rule applies.
-
-        Rules with an XPath constraint are not evaluated yet and so never match: access is
-        denied rather than granted for them (see docs/decisions.md).
-        """
-        readable: set[str] | None = None
-        for rule in self.access:
-            if rule.constraint is not None or roles.isdisjoint(rule.roles):
-                continue
-            readable = readable or set()
-            readable.update(self.members if rule.read == "*" else rule.read)
-        return None if readable is None else frozenset(readable)
+    def readable(self, rule: AccessRule) -> frozenset[str]:
+        """The members ``rule`` lets its roles read."""
+        return frozenset(self.members if rule.read == "*" else rule.read)
 
 
 class DomainModel(_Spec):
@@ -173,6 +161,17 @@ def _check_references(model: DomainModel, source: str) -> None:
                 raise ModelError(
                     source, f"{where}.access[{position}].read", f"unknown members {unknown}"
                 )
+            if rule.constraint is not None:
+                where_rule = f"{where}.access[{position}]"
+                _check_constraint(model, name, rule.constraint, source, where_rule)
+
+
+def _check_constraint(model: DomainModel, entity: str, text: str, source: str, where: str) -> None:
+    """Compile once at load, so a bad constraint fails here and never at sync time."""
+    try:
+        compile_constraint(text, entities=model.entities, entity=entity, params=Parameters())
+    except ConstraintError as error:
+        raise ModelError(source, f"{where}.constraint", str(error)) from None
 
 
 def parse_model(text: str, source: str = "<model>") -> DomainModel:
@@ -199,13 +198,6 @@ def parse_model(text: str, source: str = "<model>") -> DomainModel:
         where = ".".join(str(part) for part in first["loc"]) or "entities"
         raise ModelError(source, where, first["msg"].removeprefix("Value error, ")) from None
     _check_references(model, source)
-    for name, entity in model.entities.items():
-        if any(rule.constraint for rule in entity.access):
-            log.warning(
-                "model %s: %s has XPath constraints; they deny access until the rule engine lands",
-                source,
-                name,
-            )
     return model
 
 

@@ -1,4 +1,8 @@
-"""Reads the named objects from PostgreSQL: one query per entity per chunk of ids."""
+"""Reads the named objects from PostgreSQL: one query per entity per chunk of ids.
+
+The same query evaluates the user's access rules (``worker.access``), so each row comes
+back with the members the user may read.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +11,11 @@ from collections.abc import Iterable
 
 import asyncpg
 
-from broker.models import ObjectRef
+from broker.models import ObjectRef, Session
+from worker.access import AccessPolicy
 from worker.eligibility import Row
-from worker.model import DomainModel
-from worker.sql import select_objects_sql
 
 __all__ = ["fetch_roles", "fetch_rows"]
-
-_FIXED_COLUMNS = ("id", "version", "autocommitted")
 
 
 async def fetch_roles(conn: asyncpg.Connection, user_id: int) -> frozenset[str]:
@@ -25,9 +26,11 @@ async def fetch_roles(conn: asyncpg.Connection, user_id: int) -> frozenset[str]:
 
 async def fetch_rows(
     conn: asyncpg.Connection,
-    model: DomainModel,
+    policy: AccessPolicy,
     refs: Iterable[ObjectRef],
     *,
+    session: Session,
+    roles: frozenset[str],
     chunk_size: int,
 ) -> dict[str, dict[int, Row]]:
     """The latest committed rows of ``refs``, by entity and id; absent ids are gone."""
@@ -36,14 +39,14 @@ async def fetch_rows(
         ids_by_entity[ref.entity].append(ref.id)
     rows: dict[str, dict[int, Row]] = {}
     for entity_name, ids in ids_by_entity.items():
-        entity = model.entities[entity_name]
-        statement = await conn.prepare(select_objects_sql(entity))
+        query = policy.query(entity_name, roles)
         found: dict[int, Row] = {}
         for start in range(0, len(ids), chunk_size):
-            for record in await statement.fetch(ids[start : start + chunk_size]):
-                values = {key: value for key, value in record.items() if key not in _FIXED_COLUMNS}
-                found[record["id"]] = Row(
-                    record["id"], record["version"], record["autocommitted"], values
-                )
+            chunk = ids[start : start + chunk_size]
+            # fetch() keeps the statement prepared per connection: one round trip per chunk.
+            records = await conn.fetch(query.sql, *query.arguments(chunk, user_id=session.user_id))
+            for record in records:
+                row = query.row(record)
+                found[row.id] = row
         rows[entity_name] = found
     return rows
