@@ -28,7 +28,16 @@ from worker.schema import init_database
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_PATH = Path(__file__).with_name("model.yaml")
-APP_TABLES = ("t_task", "t_note", "t_report", "t_file", "t_photo")
+APP_TABLES = (
+    "t_task",
+    "t_note",
+    "t_report",
+    "t_file",
+    "t_photo",
+    "t_project",
+    "t_assignment",
+    "t_ticket",
+)
 BROKEN_TABLES = ("t_ghost",)
 
 
