@@ -35,7 +35,8 @@ WEB_SESSION = ("carol-web", CAROL, False)
 SEED_SQL = """
 INSERT INTO technician (id, name, user_id) VALUES (1, 'Alice', 101), (2, 'Dave', 104);
 INSERT INTO customer (id, name, phone, credit_limit) VALUES
-    (1, 'Acme Pumps', '+31 20 555 0101', 25000), (2, 'Bolt & Co', '+31 20 555 0102', 5000);
+    (1, 'Acme Pumps', '+31 20 555 0101', 25000), (2, 'Bolt & Co', '+31 20 555 0102', 5000),
+    (3, 'Zeta Farms', '+31 20 555 0103', 1000);
 INSERT INTO work_order (id, title, status, due, amount, internal_note, technician_id, customer_id,
                         autocommitted) VALUES
     (1, 'Replace pump seal', 'Open', now() + interval '1 day', 480.00, 'bill extra', 1, 1, false),
@@ -84,9 +85,14 @@ def _calls() -> list[Call]:
             uncommitted={wo[3]: {"status": "On my way", "amount": 1}},
         ),
         Call(
-            "Alice asks for a customer (technicians may not read customers)",
+            "Alice asks for customers: hers (name and phone only) and one she has no job for",
             alice,
-            [ObjectRef("Customer", 1)],
+            [ObjectRef("Customer", 1), ObjectRef("Customer", 3)],
+        ),
+        Call(
+            "Alice asks for Dave's work order (her rule's constraint does not match it)",
+            alice,
+            [wo[3]],
         ),
         Call("An event microflow asks to sync", alice, [wo[1]], origin="event"),
         Call(

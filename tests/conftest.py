@@ -13,12 +13,13 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import asyncpg
 import pytest
 
-from broker import Session, SyncClient, SyncResult
+from broker import ObjectRef, Session, SyncClient, SyncResult
 from broker.connection import connect, open_channel
 from broker.topology import DEAD_JOBS_QUEUE, JOBS_QUEUE, declare_topology
 from device_agent import AgentSettings, DeviceAgent, OfflineStore
@@ -155,6 +156,16 @@ class Device:
     async def settled(self, result: SyncResult, timeout: float = 10.0) -> None:
         """Wait until the device has applied every batch of ``result``."""
         await self.store.wait_for_batches(result.batch_ids, timeout=timeout)
+
+
+async def sync_settled(
+    client: SyncClient, device: Device, objects: Iterable[ObjectRef], **context: Any
+) -> SyncResult:
+    """Run a job to ``done`` and wait until the device has applied its batches."""
+    result = await client.synchronize_to_device(device.session, objects=objects, **context)
+    assert result.status == "done", result
+    await device.settled(result)
+    return result
 
 
 async def wait_for(

@@ -38,6 +38,16 @@ def test_file_entity_is_found_through_generalization_chain():
         ("entities: {A: {table: 'a; drop table x'}}", "entities.A.table", "should match pattern"),
         ("entities: {'A b': {table: a}}", "entities.A b.[key]", "should match pattern"),
         (
+            "entities: {A: {table: a, attributes: {'x\" text); drop table a; --': string}}}",
+            'entities.A.attributes.x" text); drop table a; --.[key]',
+            "should match pattern",
+        ),
+        (
+            "entities: {A: {table: a, associations: {A_B: {to: A, column: 'b; drop table a'}}}}",
+            "entities.A.associations.A_B.column",
+            "should match pattern",
+        ),
+        (
             "entities: {A: {table: a, attributes: {t: text}}}",
             "entities.A.attributes.t",
             "Input should be",

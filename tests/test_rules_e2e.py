@@ -7,7 +7,7 @@ from decimal import Decimal
 import pytest
 
 from broker import ObjectList, ObjectRef, SyncClient
-from tests.conftest import Device, MakeDevice, dead_letters, insert
+from tests.conftest import Device, MakeDevice, dead_letters, insert, sync_settled
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -74,11 +74,11 @@ async def test_device_of_another_user_is_rejected(
 async def test_deleted_in_the_call_is_removed(client: SyncClient, make_device: MakeDevice, pg):
     device = await make_device(USER, ["Admin"])
     task = await insert(pg, "t_task", title="a")
-    await _sync(client, device, [ObjectRef("Task", task)])
+    await sync_settled(client, device, [ObjectRef("Task", task)])
     assert await device.store.get_committed("Task", task) is not None
 
     ref = ObjectRef("Task", task)
-    result = await _sync(client, device, [ref], deleted=[ref])
+    result = await sync_settled(client, device, [ref], deleted=[ref])
     assert _outcome(result, task) == ("removed", "deleted")
     assert await device.store.get_committed("Task", task) is None
 
@@ -86,10 +86,10 @@ async def test_deleted_in_the_call_is_removed(client: SyncClient, make_device: M
 async def test_gone_from_the_database_is_removed(client: SyncClient, make_device: MakeDevice, pg):
     device = await make_device(USER, ["Admin"])
     task = await insert(pg, "t_task", title="a")
-    await _sync(client, device, [ObjectRef("Task", task)])
+    await sync_settled(client, device, [ObjectRef("Task", task)])
     await pg.execute("DELETE FROM t_task WHERE id = $1", task)
 
-    result = await _sync(client, device, [ObjectRef("Task", task)])
+    result = await sync_settled(client, device, [ObjectRef("Task", task)])
     assert _outcome(result, task) == ("removed", "gone")
     assert await device.store.get_committed("Task", task) is None
 
@@ -98,7 +98,7 @@ async def test_new_object_is_skipped_and_untouched(client: SyncClient, make_devi
     device = await make_device(USER, ["Admin"])
     await device.store.change("Task", 999, title="made on the device")
     ref = ObjectRef("Task", 999)
-    result = await _sync(client, device, [ref], new=[ref])
+    result = await sync_settled(client, device, [ref], new=[ref])
     assert _outcome(result, 999) == ("skipped", "new")
     assert result.batch_ids == ()
     assert await device.store.get("Task", 999) == {"title": "made on the device"}
@@ -109,10 +109,10 @@ async def test_autocommitted_object_is_skipped_and_untouched(
 ):
     device = await make_device(USER, ["Admin"])
     task = await insert(pg, "t_task", title="a")
-    await _sync(client, device, [ObjectRef("Task", task)])
+    await sync_settled(client, device, [ObjectRef("Task", task)])
     await pg.execute("UPDATE t_task SET title = 'auto', autocommitted = true WHERE id = $1", task)
 
-    result = await _sync(client, device, [ObjectRef("Task", task)])
+    result = await sync_settled(client, device, [ObjectRef("Task", task)])
     assert _outcome(result, task) == ("skipped", "autocommitted")
     assert (await device.store.get_committed("Task", task) or {})["title"] == "a"
 
@@ -120,12 +120,12 @@ async def test_autocommitted_object_is_skipped_and_untouched(
 async def test_object_without_access_is_removed(client: SyncClient, make_device: MakeDevice, pg):
     device = await make_device(USER, ["Admin"])
     note = await insert(pg, "t_note", text="only admins")
-    await _sync(client, device, [ObjectRef("Note", note)])
+    await sync_settled(client, device, [ObjectRef("Note", note)])
     assert await device.store.get_committed("Note", note) == {"text": "only admins"}
 
     await pg.execute("DELETE FROM sync.user_role WHERE user_id = $1", USER)
     await pg.execute("INSERT INTO sync.user_role VALUES ($1, 'Worker')", USER)
-    result = await _sync(client, device, [ObjectRef("Note", note)])
+    result = await sync_settled(client, device, [ObjectRef("Note", note)])
     assert _outcome(result, note) == ("removed", "no-access")
     assert await device.store.get_committed("Note", note) is None
 
@@ -138,7 +138,7 @@ async def test_synced_object_holds_latest_committed_readable_state(
     await pg.execute("UPDATE t_task SET status = 'Planned' WHERE id = $1", task)
     version = await pg.fetchval("SELECT version FROM t_task WHERE id = $1", task)
 
-    result = await _sync(client, device, [ObjectRef("Task", task)])
+    result = await sync_settled(client, device, [ObjectRef("Task", task)])
     assert _outcome(result, task) == ("synced", None)
     assert (result.synced, result.removed, result.skipped) == (1, 0, 0)
     assert await device.store.get_committed("Task", task) == {
@@ -155,7 +155,7 @@ async def test_two_roles_see_the_union_of_readable_members(
     task = await insert(
         pg, "t_task", title="t", status="Open", secret="x", amount=Decimal("12.50"), owner_id=USER
     )
-    await _sync(client, device, [ObjectRef("Task", task)])
+    await sync_settled(client, device, [ObjectRef("Task", task)])
     assert await device.store.get_committed("Task", task) == {
         "title": "t",
         "status": "Open",
@@ -169,12 +169,12 @@ async def test_sync_overrides_offline_changes_and_clears_dirty(
 ):
     device = await make_device(USER, ["Admin"])
     task = await insert(pg, "t_task", title="server")
-    await _sync(client, device, [ObjectRef("Task", task)])
+    await sync_settled(client, device, [ObjectRef("Task", task)])
     await device.store.change("Task", task, title="offline edit")
     await device.store.commit("Task", task)
     assert await device.store.is_dirty("Task", task)
 
-    await _sync(client, device, [ObjectRef("Task", task)])
+    await sync_settled(client, device, [ObjectRef("Task", task)])
     assert (await device.store.get_committed("Task", task) or {})["title"] == "server"
     assert not await device.store.is_dirty("Task", task)
 
@@ -185,7 +185,7 @@ async def test_uncommitted_changes_of_the_call_arrive_as_uncommitted_state(
     device = await make_device(USER, ["Worker"])
     task = await insert(pg, "t_task", title="t", status="Open")
     ref = ObjectRef("Task", task)
-    await _sync(client, device, [ref], uncommitted={ref: {"status": "Done", "secret": "leak?"}})
+    await sync_settled(client, device, [ref], uncommitted={ref: {"status": "Done", "secret": "leak?"}})
 
     assert (await device.store.get("Task", task) or {})["status"] == "Done"
     assert (await device.store.get_committed("Task", task) or {})["status"] == "Open"
@@ -199,11 +199,11 @@ async def test_app_uncommitted_changes_survive_a_sync(
 ):
     device = await make_device(USER, ["Admin"])
     task = await insert(pg, "t_task", title="t", status="Open")
-    await _sync(client, device, [ObjectRef("Task", task)])
+    await sync_settled(client, device, [ObjectRef("Task", task)])
     await device.store.change("Task", task, status="In progress")
     await pg.execute("UPDATE t_task SET title = 'renamed' WHERE id = $1", task)
 
-    await _sync(client, device, [ObjectRef("Task", task)])
+    await sync_settled(client, device, [ObjectRef("Task", task)])
     assert await device.store.get("Task", task) == {
         **(await device.store.get_committed("Task", task) or {}),
         "status": "In progress",
@@ -217,7 +217,7 @@ async def test_object_named_several_times_is_synced_once(
     device = await make_device(USER, ["Admin"])
     first = await insert(pg, "t_task", title="a")
     second = await insert(pg, "t_task", title="b")
-    result = await _sync(
+    result = await sync_settled(
         client,
         device,
         [ObjectRef("Task", first), ObjectRef("Task", first)],
@@ -233,19 +233,13 @@ async def test_append_mode_leaves_unnamed_objects_alone(
     device = await make_device(USER, ["Admin"])
     kept = await insert(pg, "t_task", title="kept")
     named = await insert(pg, "t_task", title="named")
-    await _sync(client, device, [ObjectRef("Task", kept), ObjectRef("Task", named)])
+    await sync_settled(client, device, [ObjectRef("Task", kept), ObjectRef("Task", named)])
     await pg.execute("UPDATE t_task SET title = 'changed on server' WHERE id = $1", kept)
 
-    await _sync(client, device, [ObjectRef("Task", named)])
+    await sync_settled(client, device, [ObjectRef("Task", named)])
     assert (await device.store.get_committed("Task", kept) or {})["title"] == "kept"
     assert await device.store.ids("Task") == [kept, named]
 
-
-async def _sync(client: SyncClient, device: Device, objects, **context):
-    result = await client.synchronize_to_device(device.session, objects=objects, **context)
-    assert result.status == "done", result
-    await device.settled(result)
-    return result
 
 
 def _outcome(result, object_id: int) -> tuple[str, str | None]:
@@ -260,5 +254,5 @@ async def _assert_later_job_arrives_alone(client: SyncClient, device: Device, pg
     earlier job had sent would be visible too.
     """
     later = await insert(pg, "t_task", title="later")
-    await _sync(client, device, [ObjectRef("Task", later)])
+    await sync_settled(client, device, [ObjectRef("Task", later)])
     assert await device.store.ids("Task") == [later]
