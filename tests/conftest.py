@@ -162,7 +162,9 @@ async def sync_settled(
     client: SyncClient, device: Device, objects: Iterable[ObjectRef], **context: Any
 ) -> SyncResult:
     """Run a job to ``done`` and wait until the device has applied its batches."""
-    result = await client.synchronize_to_device(device.session, objects=objects, **context)
+    result: SyncResult = await client.synchronize_to_device(
+        device.session, objects=objects, **context
+    )
     assert result.status == "done", result
     await device.settled(result)
     return result

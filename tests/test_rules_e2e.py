@@ -185,7 +185,9 @@ async def test_uncommitted_changes_of_the_call_arrive_as_uncommitted_state(
     device = await make_device(USER, ["Worker"])
     task = await insert(pg, "t_task", title="t", status="Open")
     ref = ObjectRef("Task", task)
-    await sync_settled(client, device, [ref], uncommitted={ref: {"status": "Done", "secret": "leak?"}})
+    await sync_settled(
+        client, device, [ref], uncommitted={ref: {"status": "Done", "secret": "leak?"}}
+    )
 
     assert (await device.store.get("Task", task) or {})["status"] == "Done"
     assert (await device.store.get_committed("Task", task) or {})["status"] == "Open"
@@ -239,7 +241,6 @@ async def test_append_mode_leaves_unnamed_objects_alone(
     await sync_settled(client, device, [ObjectRef("Task", named)])
     assert (await device.store.get_committed("Task", kept) or {})["title"] == "kept"
     assert await device.store.ids("Task") == [kept, named]
-
 
 
 def _outcome(result, object_id: int) -> tuple[str, str | None]:

@@ -163,3 +163,11 @@ async def test_reverse_hop_from_the_owned_side(pg: asyncpg.Connection, model: Do
         f"SELECT t0.name FROM t_project t0 WHERE {condition}", *params.values(user_id=USER)
     )
     assert {record["name"] for record in records} == {"Beta"}
+
+
+async def test_created_tables_index_their_association_columns(pg: asyncpg.Connection):
+    # Constraints follow associations from either side; without these, a reverse hop scans.
+    names = await pg.fetch("SELECT indexname FROM pg_indexes WHERE tablename = 't_assignment'")
+    assert {"t_assignment_project_id_idx", "t_assignment_user_id_idx"} <= {
+        record["indexname"] for record in names
+    }

@@ -7,7 +7,7 @@ import asyncpg
 from worker.model import AttributeType, DomainModel, Entity
 from worker.sql import quote_ident, quote_table
 
-__all__ = ["SYNC_SCHEMA_SQL", "create_table_sql", "init_database"]
+__all__ = ["SYNC_SCHEMA_SQL", "create_index_sqls", "create_table_sql", "init_database"]
 
 SYNC_SCHEMA_SQL = """
 CREATE SCHEMA IF NOT EXISTS sync;
@@ -57,6 +57,17 @@ def create_table_sql(entity: Entity) -> str:
     return f"CREATE TABLE IF NOT EXISTS {quote_table(entity.table)} ({', '.join(columns)})"
 
 
+def create_index_sqls(entity: Entity) -> list[str]:
+    """One index per association column: constraints follow associations in both directions."""
+    assert entity.table is not None
+    bare_table = entity.table.split(".")[-1]
+    return [
+        f"CREATE INDEX IF NOT EXISTS {quote_ident(f'{bare_table}_{a.column}_idx'[:63])} "
+        f"ON {quote_table(entity.table)} ({quote_ident(a.column)})"
+        for a in entity.associations.values()
+    ]
+
+
 def _trigger_sql(table: str) -> str:
     return (
         f"CREATE OR REPLACE TRIGGER sync_version BEFORE INSERT OR UPDATE ON {quote_table(table)} "
@@ -79,6 +90,8 @@ async def init_database(
                 continue
             if create_tables:
                 await conn.execute(create_table_sql(entity))
+                for statement in create_index_sqls(entity):
+                    await conn.execute(statement)
             await conn.execute(_trigger_sql(entity.table))
             tables.append(entity.table)
     return tables
