@@ -32,7 +32,7 @@ MODEL = ROOT / "examples" / "field_service.yaml"
 USER = 900
 
 
-def _service_env() -> dict[str, str]:
+def service_env() -> dict[str, str]:
     script = ROOT / "scripts" / "services.sh"
     subprocess.run(["bash", str(script), "start"], check=True, capture_output=True)
     lines = subprocess.run(
@@ -106,7 +106,7 @@ async def _run_once(env: dict[str, str], ids: list[int], jobs: int) -> tuple[flo
 
 
 async def main(objects: int, jobs: int, runs: int) -> None:
-    env = _service_env()
+    env = service_env()
     ids = await _seed(env["SYNC_DATABASE_URL"], objects)
     figures = [await _run_once(env, ids, jobs) for _ in range(runs)]
     bulk = statistics.median(f[0] for f in figures)

@@ -210,7 +210,7 @@ def test_values_travel_as_parameters_and_identifiers_are_quoted():
     assert "OR 1=1" not in sql
     assert sql == (
         '(lower(t0."status") = lower($2::text)) IS TRUE AND EXISTS (SELECT 1 FROM "t_project" a1 '
-        'WHERE a1.id = t0."project_id" AND (lower(a1."name") = lower($3::text)) IS TRUE)'
+        'WHERE a1.id = t0."project_id" AND lower(a1."name") = lower($3::text))'
     ).join("()")
     assert params.values(user_id=7) == ["x' OR 1=1 --", "y"]
 

@@ -35,7 +35,7 @@ class EntityQuery:
     rule_reads: tuple[frozenset[str], ...]
     params: Parameters
     _readable_by_match: dict[tuple[bool, ...], frozenset[str] | None] = field(
-        default_factory=dict, repr=False
+        default_factory=dict, init=False, repr=False, compare=False
     )
 
     def arguments(self, ids: Sequence[int], *, user_id: int) -> list[Any]:

@@ -1,10 +1,10 @@
 """Compiles a constraint's syntax tree to one SQL condition over an entity's table.
 
 Identifiers come only from the validated model and are quoted; every value written in the
-constraint and the session user travel as bind parameters. Each atom is two-valued (an
-empty attribute makes a comparison false, never NULL), so ``not()`` means what it says.
-Association paths become ``EXISTS`` subqueries, so the condition is evaluated by
-PostgreSQL in the query that fetches the objects.
+constraint and the session user travel as bind parameters. Each condition on the object
+itself is two-valued (an empty attribute makes a comparison false, never NULL), so
+``not()`` means what it says. Association paths become ``EXISTS`` subqueries, so the
+condition is evaluated by PostgreSQL in the query that fetches the objects.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def compile_constraint(
 
         compile_constraint("[status = 'Open']", entities=model.entities, entity="WorkOrder",
                            params=Parameters(first=2))
-        # "(lower(t0.\"status\") = lower($2::text)) IS TRUE"
+        # '(lower(t0."status") = lower($2::text)) IS TRUE'
     """
     return _Compiler(text, entities, params).expr(parse(text), entity, alias)
 
@@ -157,7 +157,9 @@ class _Compiler:
         joins, target = self._walk(node.path, entity, alias)
         atom = self._atom(node, target)
         if not joins:
-            return atom
+            return f"({atom}) IS TRUE"
+        # Inside EXISTS a NULL rejects the row just as FALSE does, and the bare comparison
+        # lets PostgreSQL use an index on the hop's far side.
         first, rest = joins[0], joins[1:]
         tables = f"{first.table} {first.alias}" + "".join(
             f" JOIN {join.table} {join.alias} ON {join.link}" for join in rest
@@ -271,8 +273,8 @@ class _Compiler:
             raise self._error(f"{node.name}() needs a string literal", node.value.span)
         pattern = self._params.constant(node.value.value, "text")
         if node.name == "contains":
-            return f"(strpos(lower({target.sql}), lower({pattern})) > 0) IS TRUE"
-        return f"starts_with(lower({target.sql}), lower({pattern})) IS TRUE"
+            return f"strpos(lower({target.sql}), lower({pattern})) > 0"
+        return f"starts_with(lower({target.sql}), lower({pattern}))"
 
     def _compare_attribute(self, node: ast.Comparison, target: _Attribute) -> str:
         if isinstance(node.value, ast.Empty):
@@ -368,7 +370,7 @@ class _Compiler:
         # Strings treat '' as empty too, as an app does when it shows the field.
         if node.operator == "=":
             return f"({sql} IS NULL OR {sql} = '')" if blank else f"{sql} IS NULL"
-        return f"({sql} <> '') IS TRUE" if blank else f"{sql} IS NOT NULL"
+        return f"{sql} <> ''" if blank else f"{sql} IS NOT NULL"
 
     def _unknown_token(self, token: ast.TokenRef) -> ConstraintError:
         return self._error(
@@ -382,7 +384,7 @@ def _comparison(left: str, operator: ast.Operator, right: str, *, fold_case: boo
         left, right = f"lower({left})", f"lower({right})"
     if operator == "!=":
         return f"{left} IS DISTINCT FROM {right}"
-    return f"({left} {operator} {right}) IS TRUE"
+    return f"{left} {operator} {right}"
 
 
 def _is_known_token(name: str) -> bool:
