@@ -1,7 +1,7 @@
 """The wire contract of sync-to-device: topology, message models and the ``SyncClient``."""
 
 from broker.client import SyncClient
-from broker.errors import BrokerUnavailable, Unroutable
+from broker.errors import BrokerUnavailable, Refused, Unroutable
 from broker.models import (
     ChangeBatch,
     ObjectList,
@@ -9,6 +9,7 @@ from broker.models import (
     ObjectRef,
     OverlayChange,
     RemoveChange,
+    ResyncChange,
     Session,
     SyncJob,
     SyncResult,
@@ -23,7 +24,9 @@ __all__ = [
     "ObjectOutcome",
     "ObjectRef",
     "OverlayChange",
+    "Refused",
     "RemoveChange",
+    "ResyncChange",
     "Session",
     "SyncClient",
     "SyncJob",

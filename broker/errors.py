@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import aiormq
 
-__all__ = ["CHANNEL_GONE", "PUBLISH_FAILED", "BrokerUnavailable", "Unroutable"]
+__all__ = ["CHANNEL_GONE", "PUBLISH_FAILED", "BrokerUnavailable", "Refused", "Unroutable"]
 
 # What acking, nacking or publishing raises once the channel or connection is gone. The
 # broker then requeues the delivery by itself, so the right response is to let go of it.
@@ -26,4 +26,12 @@ class Unroutable(Exception):
 
     def __init__(self, routing_key: str) -> None:
         super().__init__(f"no queue is bound for routing key {routing_key!r}")
+        self.routing_key = routing_key
+
+
+class Refused(Exception):
+    """Contract: the queue refused the message (nack), which here means it is full."""
+
+    def __init__(self, routing_key: str) -> None:
+        super().__init__(f"the queue for routing key {routing_key!r} refused the message")
         self.routing_key = routing_key

@@ -7,6 +7,7 @@ version.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -23,6 +24,7 @@ __all__ = [
     "OverlayChange",
     "RemoveChange",
     "RemoveReason",
+    "ResyncChange",
     "Session",
     "SyncJob",
     "SyncResult",
@@ -146,7 +148,21 @@ class OverlayChange(_Frozen):
     changes: dict[str, Any]
 
 
-Change = Annotated[UpsertChange | RemoveChange | OverlayChange, Field(discriminator="op")]
+class ResyncChange(_Frozen):
+    """Batches for this device were lost (its queue overflowed or they expired unread).
+
+    The device must synchronize everything it holds again; ``reason`` is the broker's
+    dead-letter reason (``maxlen`` or ``expired``) and ``since`` when the first was lost.
+    """
+
+    op: Literal["resync"] = "resync"
+    reason: Annotated[str, Field(max_length=64)]
+    since: datetime
+
+
+Change = Annotated[
+    UpsertChange | RemoveChange | OverlayChange | ResyncChange, Field(discriminator="op")
+]
 
 
 class ChangeBatch(_Frozen):

@@ -10,7 +10,7 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractExchange
 
-from broker.errors import PUBLISH_FAILED, BrokerUnavailable, Unroutable
+from broker.errors import PUBLISH_FAILED, BrokerUnavailable, Refused, Unroutable
 
 __all__ = ["json_message", "publish_confirmed"]
 
@@ -32,8 +32,10 @@ async def _publish_one(
         await exchange.publish(message, routing_key, mandatory=True, timeout=timeout)
     except aiormq.exceptions.PublishError as error:
         raise Unroutable(routing_key) from error
+    except aiormq.exceptions.DeliveryError as error:
+        # A nack: our queues nack only when full (overflow reject-publish).
+        raise Refused(routing_key) from error
     except PUBLISH_FAILED as error:
-        # Includes a nack (DeliveryError): the broker did not take the message.
         raise BrokerUnavailable(f"publish to {exchange.name!r} failed: {error!r}") from error
 
 

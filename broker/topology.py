@@ -13,12 +13,18 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue, Excha
 
 __all__ = [
     "CHANGES_EXCHANGE",
+    "DEAD_CHANGES_EXCHANGE",
+    "DEAD_CHANGES_QUEUE",
     "DEAD_JOBS_EXCHANGE",
     "DEAD_JOBS_QUEUE",
+    "DEFAULT_QUEUE_LIMITS",
+    "DEVICE_QUEUE_MAX_LENGTH",
+    "DEVICE_QUEUE_TTL_SECONDS",
     "JOBS_EXCHANGE",
     "JOBS_QUEUE",
     "JOB_DELIVERY_LIMIT",
     "ExchangeSpec",
+    "QueueLimits",
     "QueueSpec",
     "declare_device_queue",
     "declare_exchange",
@@ -32,6 +38,10 @@ __all__ = [
 # A job that fails this many deliveries is dead-lettered by the broker, so a poison job
 # cannot loop.
 JOB_DELIVERY_LIMIT = 5
+# A device offline for long holds at most this many batches, each for at most this long;
+# past either limit the batches are dead-lettered and the device must resync everything.
+DEVICE_QUEUE_MAX_LENGTH = 10_000
+DEVICE_QUEUE_TTL_SECONDS = 30 * 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -51,6 +61,7 @@ class QueueSpec:
 JOBS_EXCHANGE = ExchangeSpec("sync.jobs", ExchangeType.FANOUT)
 DEAD_JOBS_EXCHANGE = ExchangeSpec("sync.jobs.dead", ExchangeType.FANOUT)
 CHANGES_EXCHANGE = ExchangeSpec("sync.changes", ExchangeType.DIRECT)
+DEAD_CHANGES_EXCHANGE = ExchangeSpec("sync.changes.dead", ExchangeType.FANOUT)
 
 JOBS_QUEUE = QueueSpec(
     "sync.jobs",
@@ -72,15 +83,46 @@ DEAD_JOBS_QUEUE = QueueSpec(
 )
 
 
+# Batches a device lost; the worker marks the device for a full resync from them.
+DEAD_CHANGES_QUEUE = QueueSpec(
+    "sync.changes.dead",
+    arguments={"x-queue-type": "quorum"},
+    bind_to=DEAD_CHANGES_EXCHANGE.name,
+)
+
+
 def device_queue_name(device_id: str) -> str:
     return f"device.{device_id}"
 
 
-def device_queue(device_id: str) -> QueueSpec:
-    """A device's queue: durable classic v2, cheap while idle, holds batches while offline."""
+@dataclass(frozen=True)
+class QueueLimits:
+    """How many batches a device queue holds, and for how long, before dead-lettering."""
+
+    max_length: int = DEVICE_QUEUE_MAX_LENGTH
+    ttl_seconds: float = DEVICE_QUEUE_TTL_SECONDS
+
+
+DEFAULT_QUEUE_LIMITS = QueueLimits()
+
+
+def device_queue(device_id: str, limits: QueueLimits = DEFAULT_QUEUE_LIMITS) -> QueueSpec:
+    """A device's queue: durable classic v2, cheap while idle, holds batches while offline.
+
+    When full it refuses new batches (the worker sees a nack) and dead-letters them;
+    batches older than the TTL are dead-lettered too. Either way the worker learns from
+    ``sync.changes.dead`` that the device must resync.
+    """
     return QueueSpec(
         device_queue_name(device_id),
-        arguments={"x-queue-type": "classic", "x-queue-version": 2},
+        arguments={
+            "x-queue-type": "classic",
+            "x-queue-version": 2,
+            "x-max-length": limits.max_length,
+            "x-overflow": "reject-publish-dlx",
+            "x-message-ttl": int(limits.ttl_seconds * 1000),
+            "x-dead-letter-exchange": DEAD_CHANGES_EXCHANGE.name,
+        },
         bind_to=CHANGES_EXCHANGE.name,
         routing_key=device_id,
     )
@@ -99,15 +141,18 @@ async def declare_queue(channel: AbstractChannel, spec: QueueSpec) -> AbstractQu
 
 async def declare_topology(channel: AbstractChannel) -> None:
     """Declare the shared exchanges and queues; safe to run any number of times."""
-    for exchange in (JOBS_EXCHANGE, DEAD_JOBS_EXCHANGE, CHANGES_EXCHANGE):
+    for exchange in (JOBS_EXCHANGE, DEAD_JOBS_EXCHANGE, CHANGES_EXCHANGE, DEAD_CHANGES_EXCHANGE):
         await declare_exchange(channel, exchange)
-    for queue in (DEAD_JOBS_QUEUE, JOBS_QUEUE):
+    for queue in (DEAD_JOBS_QUEUE, JOBS_QUEUE, DEAD_CHANGES_QUEUE):
         await declare_queue(channel, queue)
 
 
-async def declare_device_queue(channel: AbstractChannel, device_id: str) -> AbstractQueue:
-    await declare_exchange(channel, CHANGES_EXCHANGE)
-    return await declare_queue(channel, device_queue(device_id))
+async def declare_device_queue(
+    channel: AbstractChannel, device_id: str, limits: QueueLimits = DEFAULT_QUEUE_LIMITS
+) -> AbstractQueue:
+    for exchange in (CHANGES_EXCHANGE, DEAD_CHANGES_EXCHANGE):
+        await declare_exchange(channel, exchange)
+    return await declare_queue(channel, device_queue(device_id, limits))
 
 
 async def delete_device_queue(channel: AbstractChannel, device_id: str) -> None:

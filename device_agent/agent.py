@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from broker.connection import connect, open_channel
 from broker.delivery import ack, nack, retry_while_held
-from broker.models import ChangeBatch
+from broker.models import ChangeBatch, ResyncChange
 from broker.topology import device_queue_name
 from device_agent.settings import AgentSettings
 from device_agent.store import OfflineStore
@@ -90,6 +90,7 @@ class DeviceAgent:
             return
         if not await ack(message):
             return
+        self._report_resync(batch)
         log.info(
             "batch %s job_id=%s device_id=%s batch_id=%s changes=%d ms=%.1f",
             "applied" if applied else "duplicate-skipped",
@@ -118,6 +119,17 @@ class DeviceAgent:
             log.exception("batch dropped batch_id=%s: cannot be applied", batch.batch_id)
             await nack(message, requeue=False)
             return None
+
+    def _report_resync(self, batch: ChangeBatch) -> None:
+        for change in batch.changes:
+            if isinstance(change, ResyncChange):
+                # The store holds the flag for the app; this is for whoever runs the device.
+                log.warning(
+                    "device needs a full resync device_id=%s reason=%s since=%s",
+                    self._settings.device_id,
+                    change.reason,
+                    change.since.isoformat(),
+                )
 
     def _parse(self, message: AbstractIncomingMessage) -> ChangeBatch | None:
         try:

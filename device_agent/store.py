@@ -8,24 +8,55 @@ Tables:
 - ``tombstones``: objects removed because they were deleted or gone, so a late upsert
   cannot bring them back;
 - ``applied_batches``: every change batch applied, recorded in the same transaction, so a
-  redelivered batch changes nothing.
+  redelivered batch changes nothing;
+- ``synced_entities`` and ``entity_members``: every entity and member seen so far, so the
+  app-facing views (one per entity, named like the entity) are rebuilt only when
+  something new appears;
+- ``device_state``: flags about the device as a whole, such as "resync required".
+
+App-facing views: ``SELECT * FROM "WorkOrder" WHERE status = 'Open'`` reads the
+committed state, with the columns ``id``, ``version``, ``dirty`` and one per member.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterable
+import logging
+import re
+from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 
 from broker.closing import AsyncClosable
-from broker.models import ChangeBatch, OverlayChange, RemoveChange, UpsertChange
+from broker.models import (
+    ENTITY_NAME_PATTERN,
+    MEMBER_NAME_PATTERN,
+    ChangeBatch,
+    OverlayChange,
+    RemoveChange,
+    ResyncChange,
+    UpsertChange,
+)
 
 __all__ = ["OfflineStore"]
+
+log = logging.getLogger(__name__)
+
+# Names from the wire become SQL identifiers in the views, so only these shapes are used
+# (no quotes, no spaces). fullmatch: ``$`` alone would accept a trailing newline.
+_ENTITY_NAME = re.compile(ENTITY_NAME_PATTERN)
+_MEMBER_NAME = re.compile(MEMBER_NAME_PATTERN)
+# The columns every view starts with; a member named like one of them (in any case) is
+# left out of the view, as is a second member differing only in case.
+_VIEW_COLUMNS = ("id", "version", "dirty")
+_RESYNC = "resync_required"
+# Incremented when a new version of the store needs existing databases brought up to date.
+_STORE_VERSION = 1
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS objects (
@@ -55,6 +86,20 @@ CREATE TABLE IF NOT EXISTS applied_batches (
     job_id TEXT NOT NULL,
     applied_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP
 );
+CREATE TABLE IF NOT EXISTS synced_entities (
+    entity TEXT PRIMARY KEY
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS entity_members (
+    entity TEXT NOT NULL,
+    member TEXT NOT NULL,
+    PRIMARY KEY (entity, member)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS device_state (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL,
+    since TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+) WITHOUT ROWID;
 """
 
 # An upsert lands unless the device holds a newer version or a tombstone that covers it.
@@ -79,6 +124,13 @@ _SET_MEMBER = """
 INSERT INTO uncommitted (entity, id, member, value) VALUES (?, ?, ?, ?)
 ON CONFLICT (entity, id, member) DO UPDATE SET value = excluded.value
 """
+# The latest reason, the earliest ``since``: timestamps are UTC ISO 8601 with microseconds,
+# so text order is time order.
+_SET_STATE = """
+INSERT INTO device_state (key, value, since, updated_at) VALUES (?, ?, ?, ?)
+ON CONFLICT (key) DO UPDATE SET
+    value = excluded.value, since = MIN(since, excluded.since), updated_at = excluded.updated_at
+"""
 
 
 class OfflineStore(AsyncClosable):
@@ -96,6 +148,11 @@ class OfflineStore(AsyncClosable):
         self._db = db
         # One connection, so one transaction at a time across the coroutines using it.
         self._writing = asyncio.Lock()
+        # Members per entity known to be in ``entity_members`` (and so in the views).
+        # Members are never forgotten, so the cache only ever lags behind the database;
+        # what a transaction adds waits in ``_pending`` until it commits.
+        self._members: dict[str, frozenset[str]] = {}
+        self._pending: dict[str, frozenset[str]] = {}
 
     @classmethod
     async def open(cls, path: str | Path) -> OfflineStore:
@@ -106,7 +163,14 @@ class OfflineStore(AsyncClosable):
         await db.execute("PRAGMA synchronous=FULL")
         await db.execute("PRAGMA busy_timeout=5000")
         await db.executescript(_SCHEMA)
-        return cls(db)
+        store = cls(db)
+        try:
+            await store._upgrade()
+            await store._load_members()
+        except BaseException:
+            await db.close()
+            raise
+        return store
 
     async def close(self) -> None:
         await self._db.close()
@@ -149,6 +213,37 @@ class OfflineStore(AsyncClosable):
         ) as cursor:
             return [int(row[0]) for row in await cursor.fetchall()]
 
+    async def query(self, entity: str, **filters: Any) -> list[dict[str, Any]]:
+        """The committed objects of ``entity`` whose members equal ``filters``, by id.
+
+        Each row is ``{"id": ..., **members}``, as ``get_committed`` plus the id. A filter
+        value of ``None`` also matches objects that lack the member. An unknown entity, or
+        a filter on a member never seen for it, gives ``[]``; a name that cannot be an
+        entity or member raises ``ValueError``. Reads ``objects`` with ``json_extract``
+        rather than the view: the JSON path is a bind parameter, so no name is ever put
+        into the SQL text, and members a view leaves out (case clashes) still work.
+
+        Example::
+
+            await store.query("WorkOrder", status="Open")  # [{"id": 1, "status": "Open"}]
+        """
+        _check_name(entity, _ENTITY_NAME, "entity")
+        for member, value in filters.items():
+            _check_name(member, _MEMBER_NAME, "member")
+            if not isinstance(value, str | int | float | None):
+                raise TypeError(f"filter {member}: expected str, int, float, bool or None")
+        if filters and not await self._has_members(entity, filters):
+            return []
+        sql = "SELECT id, data FROM objects WHERE entity = ?"
+        params: list[Any] = [entity]
+        for member, value in filters.items():
+            # IS, not =: a None filter then matches JSON null (and a missing member).
+            sql += " AND json_extract(data, ?) IS ?"
+            params += [_json_path(member), value]
+        async with self._db.execute(sql + " ORDER BY id", params) as cursor:
+            rows = await cursor.fetchall()
+        return [_row(int(object_id), data) for object_id, data in rows]
+
     async def change(self, entity: str, object_id: int, **changes: Any) -> None:
         """Record uncommitted changes the app made to an object."""
         async with self._transaction():
@@ -160,6 +255,7 @@ class OfflineStore(AsyncClosable):
             committed = await self.get_committed(entity, object_id) or {}
             version = await self.version(entity, object_id) or 0
             merged = {**committed, **await self._uncommitted(entity, object_id)}
+            await self._discover_members({entity: merged.keys()})
             await self._db.execute(
                 "INSERT INTO objects (entity, id, version, data, dirty) VALUES (?, ?, ?, ?, 1) "
                 "ON CONFLICT (entity, id) DO UPDATE SET data = excluded.data, dirty = 1",
@@ -172,7 +268,39 @@ class OfflineStore(AsyncClosable):
         async with self._transaction():
             await self._delete_uncommitted([(entity, object_id)])
 
+    async def resync_required(self) -> str | None:
+        """Why the device must synchronize everything again, or ``None``.
+
+        Set when the device lost batches (its queue overflowed or they expired); the app
+        re-synchronizes and then calls ``clear_resync_required()``.
+        """
+        state = await self._state(_RESYNC)
+        return None if state is None else state[0]
+
+    async def resync_required_since(self) -> datetime | None:
+        """When the first loss not yet resynchronized happened (UTC), or ``None``."""
+        state = await self._state(_RESYNC)
+        return None if state is None else datetime.fromisoformat(state[1])
+
+    async def clear_resync_required(self) -> None:
+        """The app re-synchronized everything: the flag is cleared."""
+        async with self._transaction():
+            await self._db.execute("DELETE FROM device_state WHERE key = ?", (_RESYNC,))
+
     # The agent's side.
+
+    async def mark_resync_required(self, reason: str, *, since: datetime | None = None) -> None:
+        """Record that the device lost batches and must resync everything.
+
+        Keeps the latest ``reason`` and the earliest ``since`` (default: now) until
+        ``clear_resync_required()``. A ``ResyncChange`` in a batch does the same.
+
+        Example::
+
+            await store.mark_resync_required("maxlen")
+        """
+        async with self._transaction():
+            await self._mark_resync(reason, since)
 
     async def applied_batch_ids(self, batch_ids: Iterable[str]) -> set[str]:
         """Which of ``batch_ids`` this device has applied."""
@@ -212,6 +340,8 @@ class OfflineStore(AsyncClosable):
         upserts = [c for c in batch.changes if isinstance(c, UpsertChange)]
         removes = [c for c in batch.changes if isinstance(c, RemoveChange)]
         overlays = [c for c in batch.changes if isinstance(c, OverlayChange)]
+        resyncs = [c for c in batch.changes if isinstance(c, ResyncChange)]
+        await self._discover_members(_members_by_entity(upserts))
         if upserts:
             await self._db.executemany(
                 _UPSERT,
@@ -239,6 +369,8 @@ class OfflineStore(AsyncClosable):
             )
         for overlay in overlays:
             await self._set_members(overlay.entity, overlay.id, overlay.changes)
+        for resync in resyncs:
+            await self._mark_resync(resync.reason, resync.since)
 
     async def _set_members(self, entity: str, object_id: int, changes: dict[str, Any]) -> None:
         await self._db.executemany(
@@ -255,13 +387,188 @@ class OfflineStore(AsyncClosable):
         ) as cursor:
             return {member: json.loads(value) for member, value in await cursor.fetchall()}
 
+    # Views: one per entity, rebuilt when a member or entity appears for the first time.
+
+    async def _discover_members(self, seen: Mapping[str, Iterable[str]]) -> None:
+        """Record the entities and members in ``seen`` not known yet and rebuild their
+        views, in the caller's transaction. Names that cannot be SQL identifiers are
+        skipped (their values stay in ``data``, readable with ``get()``)."""
+        for entity, names in sorted(seen.items()):
+            members = _valid_members(entity, names)
+            known = self._pending.get(entity, self._members.get(entity))
+            if known is not None and members <= known:
+                continue
+            if not _ENTITY_NAME.fullmatch(entity):
+                log.warning("entity %r: not a valid entity name, no view", entity)
+                continue
+            # Something is new: start from what the database holds, since another process
+            # on the same file may have added members this one has not seen.
+            stored = await self._stored_members(entity)
+            await self._db.execute(
+                "INSERT OR IGNORE INTO synced_entities (entity) VALUES (?)", (entity,)
+            )
+            await self._db.executemany(
+                "INSERT OR IGNORE INTO entity_members (entity, member) VALUES (?, ?)",
+                [(entity, member) for member in sorted(members - stored)],
+            )
+            await self._rebuild_view(entity, stored | members)
+            self._pending[entity] = stored | members
+
+    async def _rebuild_view(self, entity: str, members: frozenset[str]) -> None:
+        if not await self._view_name_free(entity):
+            log.warning("entity %s: its name is taken by another table or view, no view", entity)
+            return
+        await self._db.execute(f"DROP VIEW IF EXISTS {_quoted(entity)}")
+        await self._db.execute(_view_sql(entity, members))
+
+    async def _view_name_free(self, entity: str) -> bool:
+        """True unless the name (SQLite compares names without case) is reserved, a table
+        of the store, or the view of an entity spelled differently."""
+        if entity.lower().startswith("sqlite_"):
+            return False
+        async with self._db.execute(
+            "SELECT type, name FROM sqlite_master WHERE name = ? COLLATE NOCASE", (entity,)
+        ) as cursor:
+            taken = await cursor.fetchall()
+        return all(kind == "view" and name == entity for kind, name in taken)
+
+    async def _stored_members(self, entity: str) -> frozenset[str]:
+        async with self._db.execute(
+            "SELECT member FROM entity_members WHERE entity = ?", (entity,)
+        ) as cursor:
+            return frozenset(row[0] for row in await cursor.fetchall())
+
+    async def _has_members(self, entity: str, members: Iterable[str]) -> bool:
+        """Whether every one of ``members`` was seen for ``entity``. The database is read
+        only when the cache does not know one: another process on the same file (the
+        agent, when the app has its own store) may have added it."""
+        wanted = set(members)
+        if wanted <= self._members.get(entity, frozenset()):
+            return True
+        return wanted <= await self._stored_members(entity)
+
+    async def _load_members(self) -> None:
+        async with self._db.execute("SELECT entity FROM synced_entities") as cursor:
+            members: dict[str, set[str]] = {row[0]: set() for row in await cursor.fetchall()}
+        async with self._db.execute("SELECT entity, member FROM entity_members") as cursor:
+            for entity, member in await cursor.fetchall():
+                members.setdefault(entity, set()).add(member)
+        self._members = {entity: frozenset(names) for entity, names in members.items()}
+
+    async def _upgrade(self) -> None:
+        """Bring a database written by an older store up to date: a database from before
+        the views gets them from the objects it already holds."""
+        if await self._user_version() >= _STORE_VERSION:
+            return  # the usual case: no write transaction at open
+        async with self._transaction():
+            if await self._user_version() >= _STORE_VERSION:
+                return  # another process upgraded it meanwhile
+            seen: dict[str, set[str]] = {}
+            async with self._db.execute("SELECT DISTINCT entity FROM objects") as cursor:
+                for (entity,) in await cursor.fetchall():
+                    seen[entity] = set()
+            async with self._db.execute(
+                "SELECT DISTINCT o.entity, j.key FROM objects AS o, json_each(o.data) AS j "
+                "WHERE json_type(o.data) = 'object'"
+            ) as cursor:
+                for entity, member in await cursor.fetchall():
+                    seen[entity].add(member)
+            await self._discover_members(dict(seen))
+            await self._db.execute(f"PRAGMA user_version = {_STORE_VERSION}")
+
+    async def _user_version(self) -> int:
+        async with self._db.execute("PRAGMA user_version") as cursor:
+            row = await cursor.fetchone()
+        return 0 if row is None else int(row[0])
+
+    # Device state.
+
+    async def _mark_resync(self, reason: str, since: datetime | None) -> None:
+        now = _timestamp(datetime.now(UTC))
+        at = now if since is None else _timestamp(since)
+        await self._db.execute(_SET_STATE, (_RESYNC, reason, at, now))
+
+    async def _state(self, key: str) -> tuple[str, str] | None:
+        async with self._db.execute(
+            "SELECT value, since FROM device_state WHERE key = ?", (key,)
+        ) as cursor:
+            row = await cursor.fetchone()
+        return None if row is None else (str(row[0]), str(row[1]))
+
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[None]:
         async with self._writing:
+            self._pending = {}
             await self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield
             except BaseException:
+                self._pending = {}
                 await self._db.execute("ROLLBACK")
                 raise
             await self._db.execute("COMMIT")
+            # Only what committed may enter the cache: a rolled-back view change is gone.
+            self._members.update(self._pending)
+            self._pending = {}
+
+
+def _check_name(name: str, pattern: re.Pattern[str], what: str) -> None:
+    if not pattern.fullmatch(name):
+        raise ValueError(f"not a valid {what} name: {name!r} (must match {pattern.pattern})")
+
+
+def _valid_members(entity: str, names: Iterable[str]) -> frozenset[str]:
+    given = set(names)
+    valid = frozenset(name for name in given if _MEMBER_NAME.fullmatch(name))
+    if skipped := sorted(given - valid):
+        log.warning(
+            "entity %s: members %r are not valid member names, not in the view", entity, skipped
+        )
+    return valid
+
+
+def _members_by_entity(upserts: Iterable[UpsertChange]) -> dict[str, set[str]]:
+    """One pass over a batch's upserts: the members each entity brings."""
+    seen: dict[str, set[str]] = {}
+    for upsert in upserts:
+        seen.setdefault(upsert.entity, set()).update(upsert.data)
+    return seen
+
+
+def _quoted(name: str) -> str:
+    # The patterns admit no quote; checking again here keeps every identifier that reaches
+    # SQL text validated at the one place it is built.
+    if not (_ENTITY_NAME.fullmatch(name) or _MEMBER_NAME.fullmatch(name)):
+        raise ValueError(f"not a valid SQL identifier here: {name!r}")
+    return f'"{name}"'
+
+
+def _json_path(member: str) -> str:
+    return f'$."{member}"'
+
+
+def _view_sql(entity: str, members: Iterable[str]) -> str:
+    """``CREATE VIEW "Entity" AS SELECT id, version, dirty, <members> FROM objects ...``"""
+    columns = list(_VIEW_COLUMNS)
+    taken = {column.lower() for column in columns}
+    for member in sorted(members):
+        # SQLite column names ignore case; a clash would be renamed ("a:1") silently.
+        if member.lower() in taken:
+            continue
+        taken.add(member.lower())
+        columns.append(f"json_extract(data, '{_json_path(member)}') AS {_quoted(member)}")
+    return (
+        f"CREATE VIEW {_quoted(entity)} AS SELECT {', '.join(columns)} "
+        f"FROM objects WHERE entity = '{entity}'"
+    )
+
+
+def _row(object_id: int, data: str) -> dict[str, Any]:
+    members = json.loads(data)
+    return {"id": object_id, **{k: v for k, v in members.items() if k != "id"}}
+
+
+def _timestamp(moment: datetime) -> str:
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")

@@ -75,8 +75,11 @@ async def device_list(args: argparse.Namespace, settings: ServerSettings) -> int
     conn = await asyncpg.connect(settings.database_url)
     try:
         for device in await list_devices(conn):
-            kind = "offline" if device["offline"] else "online"
-            print(f"{device['device_id']}\tuser={device['user_id']}\t{kind}")
+            line = f"{device['device_id']}\tuser={device['user_id']}\t"
+            line += "offline" if device["offline"] else "online"
+            if device["resync_reason"]:
+                line += f"\tneeds-resync={device['resync_reason']} since {device['resync_since']}"
+            print(line)
     finally:
         await conn.close()
     return 0

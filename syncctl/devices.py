@@ -5,7 +5,12 @@ from __future__ import annotations
 import asyncpg
 from aio_pika.abc import AbstractChannel
 
-from broker.topology import declare_device_queue, delete_device_queue
+from broker.topology import (
+    DEFAULT_QUEUE_LIMITS,
+    QueueLimits,
+    declare_device_queue,
+    delete_device_queue,
+)
 
 __all__ = ["list_devices", "register_device", "unregister_device"]
 
@@ -17,6 +22,7 @@ async def register_device(
     user_id: int,
     *,
     offline: bool = True,
+    limits: QueueLimits = DEFAULT_QUEUE_LIMITS,
 ) -> None:
     """Register (or re-register) a device for a user and create its queue.
 
@@ -32,7 +38,7 @@ async def register_device(
         offline,
     )
     if offline:
-        await declare_device_queue(channel, device_id)
+        await declare_device_queue(channel, device_id, limits)
 
 
 async def unregister_device(
@@ -47,6 +53,7 @@ async def unregister_device(
 async def list_devices(conn: asyncpg.Connection) -> list[asyncpg.Record]:
     return list(
         await conn.fetch(
-            "SELECT device_id, user_id, offline, registered_at FROM sync.device ORDER BY device_id"
+            "SELECT device_id, user_id, offline, registered_at, resync_reason, resync_since "
+            "FROM sync.device ORDER BY device_id"
         )
     )

@@ -21,7 +21,14 @@ import pytest
 
 from broker import ObjectRef, Session, SyncClient, SyncResult
 from broker.connection import connect, open_channel
-from broker.topology import DEAD_JOBS_QUEUE, JOBS_QUEUE, declare_topology
+from broker.topology import (
+    DEAD_CHANGES_QUEUE,
+    DEAD_JOBS_QUEUE,
+    DEFAULT_QUEUE_LIMITS,
+    JOBS_QUEUE,
+    QueueLimits,
+    declare_topology,
+)
 from device_agent import AgentSettings, DeviceAgent, OfflineStore
 from syncctl.devices import register_device
 from worker import DomainModel, Worker, WorkerSettings, parse_model
@@ -107,7 +114,7 @@ async def pg(services: Services, schema: None, amqp: object) -> AsyncIterator[as
 
 @pytest.fixture
 async def clean_queues(amqp: aio_pika.abc.AbstractRobustChannel) -> None:
-    for name in (JOBS_QUEUE.name, DEAD_JOBS_QUEUE.name):
+    for name in (JOBS_QUEUE.name, DEAD_JOBS_QUEUE.name, DEAD_CHANGES_QUEUE.name):
         await (await amqp.get_queue(name)).purge()
 
 
@@ -197,13 +204,14 @@ async def make_device(
         *,
         offline: bool = True,
         run_agent: bool = True,
+        limits: QueueLimits = DEFAULT_QUEUE_LIMITS,
     ) -> Device:
         device_id = f"test-{uuid.uuid4().hex[:12]}"
         await pg.executemany(
             "INSERT INTO sync.user_role (user_id, role) VALUES ($1, $2) ON CONFLICT DO NOTHING",
             [(user_id, role) for role in roles],
         )
-        await register_device(pg, amqp, device_id, user_id, offline=offline)
+        await register_device(pg, amqp, device_id, user_id, offline=offline, limits=limits)
         db_path = tmp_path / f"{device_id}.sqlite"
         device = Device(
             Session(user_id=user_id, device_id=device_id), await OfflineStore.open(db_path), db_path

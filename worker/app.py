@@ -1,4 +1,4 @@
-"""The worker process: wires settings, PostgreSQL, RabbitMQ and the job consumer."""
+"""The worker process: wires settings, PostgreSQL, RabbitMQ, the job and lost-batch consumers."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustC
 from broker.connection import connect, open_channel
 from broker.topology import (
     CHANGES_EXCHANGE,
+    DEAD_CHANGES_QUEUE,
     DEAD_JOBS_EXCHANGE,
     JOBS_QUEUE,
     declare_exchange,
@@ -19,6 +20,7 @@ from broker.topology import (
 )
 from worker.consumer import JobConsumer
 from worker.handler import JobHandler
+from worker.lost import LostBatchConsumer
 from worker.model import DomainModel, load_model
 from worker.publisher import BatchPublisher
 from worker.settings import WorkerSettings
@@ -31,7 +33,8 @@ Callback = Callable[[AbstractIncomingMessage], Awaitable[None]]
 
 
 class Worker:
-    """Consumes ``sync.jobs`` until ``stop()``; then finishes the jobs in hand.
+    """Consumes ``sync.jobs`` (and ``sync.changes.dead``) until ``stop()``; then finishes
+    the messages in hand.
 
     Example::
 
@@ -44,15 +47,13 @@ class Worker:
         self,
         connection: AbstractRobustConnection,
         pool: asyncpg.Pool,
-        queue: AbstractQueue,
         *,
         shutdown_grace: float,
     ) -> None:
         self._connection = connection
         self._shutdown_grace = shutdown_grace
         self._pool = pool
-        self._queue = queue
-        self._consumer_tag: str | None = None
+        self._consuming: list[tuple[AbstractQueue, str]] = []
         self._in_hand: set[asyncio.Task[None]] = set()
 
     @classmethod
@@ -61,7 +62,8 @@ class Worker:
         pool = await asyncpg.create_pool(
             settings.database_url,
             min_size=1,
-            max_size=settings.prefetch + 1,
+            # One per job in hand, plus the lost-batch consumer and a resync clear.
+            max_size=settings.prefetch + 2,
             # The fetches are short; JIT compiling them costs more than it saves.
             server_settings={"jit": "off"},
         )
@@ -80,15 +82,15 @@ class Worker:
             channel.default_exchange,
             publish_timeout=settings.publish_timeout,
         )
-        worker = cls(
-            connection,
-            pool,
-            await channel.get_queue(JOBS_QUEUE.name),
-            shutdown_grace=settings.shutdown_grace,
-        )
-        worker._consumer_tag = await worker._queue.consume(worker._track(consumer.on_message))
+        worker = cls(connection, pool, shutdown_grace=settings.shutdown_grace)
+        await worker._consume(await channel.get_queue(JOBS_QUEUE.name), consumer.on_message)
+        lost = LostBatchConsumer(pool)
+        await worker._consume(await channel.get_queue(DEAD_CHANGES_QUEUE.name), lost.on_message)
         log.info("worker started name=%s prefetch=%d", settings.name, settings.prefetch)
         return worker
+
+    async def _consume(self, queue: AbstractQueue, on_message: Callback) -> None:
+        self._consuming.append((queue, await queue.consume(self._track(on_message))))
 
     def _track(self, on_message: Callback) -> Callback:
         async def tracked(message: AbstractIncomingMessage) -> None:
@@ -108,8 +110,8 @@ class Worker:
         Jobs still in hand after the grace period (say, waiting out a database outage) are
         cancelled unacked, so the broker hands them to another worker.
         """
-        if self._consumer_tag is not None:
-            await self._queue.cancel(self._consumer_tag)
+        for queue, tag in self._consuming:
+            await queue.cancel(tag)
         if self._in_hand:
             _, late = await asyncio.wait(self._in_hand, timeout=self._shutdown_grace)
             for task in late:

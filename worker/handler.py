@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncpg
 
-from broker.models import SyncJob, SyncResult
+from broker.models import ResyncChange, SyncJob, SyncResult
 from worker.access import AccessPolicy
 from worker.eligibility import check_job_names, decide
 from worker.errors import JobRejected
@@ -20,6 +20,12 @@ DEVICE_LOCK_CLASS = 0x5D0C
 
 def ignored(job: SyncJob, reason: str) -> SyncResult:
     return SyncResult(job_id=job.job_id, status="ignored", reason=reason)
+
+
+def _resync_change(device: asyncpg.Record) -> ResyncChange | None:
+    if device["resync_reason"] is None:
+        return None
+    return ResyncChange(reason=device["resync_reason"], since=device["resync_since"])
 
 
 class JobHandler:
@@ -55,7 +61,8 @@ class JobHandler:
                 session.device_id,
             )
             device = await conn.fetchrow(
-                "SELECT user_id, offline FROM sync.device WHERE device_id = $1",
+                "SELECT user_id, offline, resync_reason, resync_since "
+                "FROM sync.device WHERE device_id = $1",
                 session.device_id,
             )
             if device is None:
@@ -75,9 +82,12 @@ class JobHandler:
                 chunk_size=self._chunk_size,
             )
             decision = decide(job, rows)
-            batch_ids = await self._publisher.publish(
-                job.job_id, session.device_id, decision.changes
-            )
+            resync = _resync_change(device)
+            changes = [resync, *decision.changes] if resync else decision.changes
+            batch_ids = await self._publisher.publish(job.job_id, session.device_id, changes)
+            if resync is not None:
+                # Still under the device lock: no later job's batch can be lost unseen.
+                await self._resync_announced(session.device_id, resync)
         return SyncResult(
             job_id=job.job_id,
             status="done",
@@ -86,4 +96,14 @@ class JobHandler:
             skipped=decision.count("skipped"),
             objects=tuple(decision.outcomes),
             batch_ids=tuple(batch_ids),
+        )
+
+    async def _resync_announced(self, device_id: str, resync: ResyncChange) -> None:
+        """Clear the mark the device was just told about (on another connection: the job's
+        transaction is read-only)."""
+        await self._pool.execute(
+            "UPDATE sync.device SET resync_reason = NULL, resync_since = NULL "
+            "WHERE device_id = $1 AND resync_since = $2",
+            device_id,
+            resync.since,
         )

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from aio_pika.abc import AbstractExchange
 from pydantic import TypeAdapter
 
-from broker.errors import Unroutable
+from broker.errors import Refused, Unroutable
 from broker.models import Change, ChangeBatch
 from broker.publishing import json_message, publish_confirmed
 from worker.errors import JobRejected
@@ -70,4 +70,8 @@ class BatchPublisher:
             )
         except Unroutable:
             raise JobRejected("no-device-queue") from None
+        except Refused:
+            # The queue dead-lettered the refused batch, so the device gets marked for
+            # a resync; this job's caller learns now.
+            raise JobRejected("device-queue-full") from None
         return [batch.batch_id for batch in batches]

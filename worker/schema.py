@@ -22,6 +22,9 @@ CREATE TABLE IF NOT EXISTS sync.device (
     offline boolean NOT NULL DEFAULT true,
     registered_at timestamptz NOT NULL DEFAULT now()
 );
+-- Set when batches for the device were lost; cleared once it was told to resync.
+ALTER TABLE sync.device ADD COLUMN IF NOT EXISTS resync_reason text;
+ALTER TABLE sync.device ADD COLUMN IF NOT EXISTS resync_since timestamptz;
 -- One sequence for all tables: a row's version only ever grows, in commit order per row.
 CREATE SEQUENCE IF NOT EXISTS sync.version_seq;
 CREATE OR REPLACE FUNCTION sync.bump_version() RETURNS trigger LANGUAGE plpgsql AS $$

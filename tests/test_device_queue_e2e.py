@@ -1,0 +1,76 @@
+"""Devices offline for long: batches wait in the device queue up to its length and age
+limits; past either, the device is marked for a full resync and its agent learns it with
+the next job (docs/decisions.md, "Device queues")."""
+
+from __future__ import annotations
+
+import asyncpg
+import pytest
+
+from broker import ObjectRef, SyncClient
+from broker.topology import QueueLimits
+from tests.conftest import Device, MakeDevice, Services, insert, start_agent, wait_for
+
+pytestmark = pytest.mark.usefixtures("worker")
+
+
+async def _marked(pg: asyncpg.Connection, device: Device) -> str | None:
+    reason: str | None = await pg.fetchval(
+        "SELECT resync_reason FROM sync.device WHERE device_id = $1", device.device_id
+    )
+    return reason
+
+
+async def _sync_one(client: SyncClient, device: Device, object_id: int):
+    return await client.synchronize_to_device(
+        device.session, objects=[ObjectRef("Task", object_id)]
+    )
+
+
+async def test_full_queue_refuses_the_job_and_the_device_is_told_to_resync(
+    client: SyncClient, make_device: MakeDevice, pg, services: Services
+):
+    device = await make_device(7, ["Admin"], run_agent=False, limits=QueueLimits(max_length=3))
+    tasks = [await insert(pg, "t_task", title=f"t{i}") for i in range(5)]
+    for task in tasks[:3]:
+        assert (await _sync_one(client, device, task)).status == "done"
+
+    refused = await _sync_one(client, device, tasks[3])
+    assert (refused.status, refused.reason) == ("rejected", "device-queue-full")
+    await wait_for(lambda: _is_marked(pg, device))
+    assert await _marked(pg, device) == "maxlen"
+
+    await start_agent(services, device)
+    result = await _sync_one(client, device, tasks[4])
+    assert result.status == "done"
+    await device.settled(result)
+    # The three queued batches and the new one arrived; the refused one did not.
+    assert await device.store.ids("Task") == [tasks[0], tasks[1], tasks[2], tasks[4]]
+    assert await device.store.resync_required() == "maxlen"
+    assert await _marked(pg, device) is None
+
+    await device.store.clear_resync_required()
+    again = await _sync_one(client, device, tasks[3])
+    await device.settled(again)
+    assert await device.store.resync_required() is None
+
+
+async def test_batches_older_than_the_queue_ttl_expire_and_the_device_is_told(
+    client: SyncClient, make_device: MakeDevice, pg, services: Services
+):
+    device = await make_device(7, ["Admin"], run_agent=False, limits=QueueLimits(ttl_seconds=0.2))
+    early = await insert(pg, "t_task", title="early")
+    late = await insert(pg, "t_task", title="late")
+    assert (await _sync_one(client, device, early)).status == "done"
+    await wait_for(lambda: _is_marked(pg, device))
+    assert await _marked(pg, device) == "expired"
+
+    await start_agent(services, device)
+    result = await _sync_one(client, device, late)
+    await device.settled(result)
+    assert await device.store.ids("Task") == [late]
+    assert await device.store.resync_required() == "expired"
+
+
+async def _is_marked(pg: asyncpg.Connection, device: Device) -> bool:
+    return await _marked(pg, device) is not None

@@ -1,0 +1,73 @@
+"""Marks a device for a full resync when the broker dead-lettered one of its batches.
+
+A device queue dead-letters a batch when it is full (the batch was refused) or when the
+batch waited longer than the queue's TTL. Either way the device can no longer reach the
+latest state from its queue alone. The device is marked in ``sync.device``; its next
+job starts with a ``ResyncChange``, which tells the agent (see ``worker.handler``).
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+
+import asyncpg
+from aio_pika.abc import AbstractIncomingMessage
+
+from broker.delivery import ack, retry_while_held
+from broker.topology import device_queue_name
+from worker.errors import TRANSIENT_ERRORS
+
+__all__ = ["LostBatchConsumer", "lost_device"]
+
+log = logging.getLogger(__name__)
+
+_QUEUE_PREFIX = device_queue_name("")
+
+
+def lost_device(message: AbstractIncomingMessage) -> tuple[str, str] | None:
+    """The device and the broker's reason (``maxlen``, ``expired``) of a dead-lettered batch."""
+    headers = message.headers or {}
+    queue = str(headers.get("x-first-death-queue", ""))
+    if not queue.startswith(_QUEUE_PREFIX):
+        return None
+    reason = str(headers.get("x-first-death-reason", "unknown"))
+    return queue.removeprefix(_QUEUE_PREFIX), reason
+
+
+class LostBatchConsumer:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def on_message(self, message: AbstractIncomingMessage) -> None:
+        lost = lost_device(message)
+        if lost is None:
+            log.error("dead-lettered message %s names no device queue", message.message_id)
+            await ack(message)
+            return
+        device_id, reason = lost
+        marked = await retry_while_held(
+            message,
+            partial(self._mark, device_id, reason),
+            transient=TRANSIENT_ERRORS,
+            what=f"lost batch {message.message_id}",
+        )
+        if marked is None:
+            return
+        await ack(message)
+        log.warning(
+            "batch lost device_id=%s batch_id=%s reason=%s: device marked for resync",
+            device_id,
+            message.message_id,
+            reason,
+        )
+
+    async def _mark(self, device_id: str, reason: str) -> bool:
+        # The first loss's time is kept: the device must resync everything since then.
+        await self._pool.execute(
+            "UPDATE sync.device SET resync_reason = $2, "
+            "resync_since = coalesce(resync_since, now()) WHERE device_id = $1",
+            device_id,
+            reason,
+        )
+        return True
