@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -34,26 +33,27 @@ import aiosqlite
 
 from broker.closing import AsyncClosable
 from broker.models import (
-    ENTITY_NAME_PATTERN,
-    MEMBER_NAME_PATTERN,
     ChangeBatch,
     OverlayChange,
     RemoveChange,
     ResyncChange,
     UpsertChange,
 )
+from device_agent.views import (
+    ENTITY_NAME,
+    MEMBER_NAME,
+    check_name,
+    json_path,
+    members_by_entity,
+    quoted,
+    valid_members,
+    view_sql,
+)
 
 __all__ = ["OfflineStore"]
 
 log = logging.getLogger(__name__)
 
-# Names from the wire become SQL identifiers in the views, so only these shapes are used
-# (no quotes, no spaces). fullmatch: ``$`` alone would accept a trailing newline.
-_ENTITY_NAME = re.compile(ENTITY_NAME_PATTERN)
-_MEMBER_NAME = re.compile(MEMBER_NAME_PATTERN)
-# The columns every view starts with; a member named like one of them (in any case) is
-# left out of the view, as is a second member differing only in case.
-_VIEW_COLUMNS = ("id", "version", "dirty")
 _RESYNC = "resync_required"
 # Incremented when a new version of the store needs existing databases brought up to date.
 _STORE_VERSION = 1
@@ -227,9 +227,9 @@ class OfflineStore(AsyncClosable):
 
             await store.query("WorkOrder", status="Open")  # [{"id": 1, "status": "Open"}]
         """
-        _check_name(entity, _ENTITY_NAME, "entity")
+        check_name(entity, ENTITY_NAME, "entity")
         for member, value in filters.items():
-            _check_name(member, _MEMBER_NAME, "member")
+            check_name(member, MEMBER_NAME, "member")
             if not isinstance(value, str | int | float | None):
                 raise TypeError(f"filter {member}: expected str, int, float, bool or None")
         if filters and not await self._has_members(entity, filters):
@@ -239,7 +239,7 @@ class OfflineStore(AsyncClosable):
         for member, value in filters.items():
             # IS, not =: a None filter then matches JSON null (and a missing member).
             sql += " AND json_extract(data, ?) IS ?"
-            params += [_json_path(member), value]
+            params += [json_path(member), value]
         async with self._db.execute(sql + " ORDER BY id", params) as cursor:
             rows = await cursor.fetchall()
         return [_row(int(object_id), data) for object_id, data in rows]
@@ -341,7 +341,7 @@ class OfflineStore(AsyncClosable):
         removes = [c for c in batch.changes if isinstance(c, RemoveChange)]
         overlays = [c for c in batch.changes if isinstance(c, OverlayChange)]
         resyncs = [c for c in batch.changes if isinstance(c, ResyncChange)]
-        await self._discover_members(_members_by_entity(upserts))
+        await self._discover_members(members_by_entity(upserts))
         if upserts:
             await self._db.executemany(
                 _UPSERT,
@@ -394,11 +394,11 @@ class OfflineStore(AsyncClosable):
         views, in the caller's transaction. Names that cannot be SQL identifiers are
         skipped (their values stay in ``data``, readable with ``get()``)."""
         for entity, names in sorted(seen.items()):
-            members = _valid_members(entity, names)
+            members = valid_members(entity, names)
             known = self._pending.get(entity, self._members.get(entity))
             if known is not None and members <= known:
                 continue
-            if not _ENTITY_NAME.fullmatch(entity):
+            if not ENTITY_NAME.fullmatch(entity):
                 log.warning("entity %r: not a valid entity name, no view", entity)
                 continue
             # Something is new: start from what the database holds, since another process
@@ -418,8 +418,8 @@ class OfflineStore(AsyncClosable):
         if not await self._view_name_free(entity):
             log.warning("entity %s: its name is taken by another table or view, no view", entity)
             return
-        await self._db.execute(f"DROP VIEW IF EXISTS {_quoted(entity)}")
-        await self._db.execute(_view_sql(entity, members))
+        await self._db.execute(f"DROP VIEW IF EXISTS {quoted(entity)}")
+        await self._db.execute(view_sql(entity, members))
 
     async def _view_name_free(self, entity: str) -> bool:
         """True unless the name (SQLite compares names without case) is reserved, a table
@@ -510,57 +510,6 @@ class OfflineStore(AsyncClosable):
             # Only what committed may enter the cache: a rolled-back view change is gone.
             self._members.update(self._pending)
             self._pending = {}
-
-
-def _check_name(name: str, pattern: re.Pattern[str], what: str) -> None:
-    if not pattern.fullmatch(name):
-        raise ValueError(f"not a valid {what} name: {name!r} (must match {pattern.pattern})")
-
-
-def _valid_members(entity: str, names: Iterable[str]) -> frozenset[str]:
-    given = set(names)
-    valid = frozenset(name for name in given if _MEMBER_NAME.fullmatch(name))
-    if skipped := sorted(given - valid):
-        log.warning(
-            "entity %s: members %r are not valid member names, not in the view", entity, skipped
-        )
-    return valid
-
-
-def _members_by_entity(upserts: Iterable[UpsertChange]) -> dict[str, set[str]]:
-    """One pass over a batch's upserts: the members each entity brings."""
-    seen: dict[str, set[str]] = {}
-    for upsert in upserts:
-        seen.setdefault(upsert.entity, set()).update(upsert.data)
-    return seen
-
-
-def _quoted(name: str) -> str:
-    # The patterns admit no quote; checking again here keeps every identifier that reaches
-    # SQL text validated at the one place it is built.
-    if not (_ENTITY_NAME.fullmatch(name) or _MEMBER_NAME.fullmatch(name)):
-        raise ValueError(f"not a valid SQL identifier here: {name!r}")
-    return f'"{name}"'
-
-
-def _json_path(member: str) -> str:
-    return f'$."{member}"'
-
-
-def _view_sql(entity: str, members: Iterable[str]) -> str:
-    """``CREATE VIEW "Entity" AS SELECT id, version, dirty, <members> FROM objects ...``"""
-    columns = list(_VIEW_COLUMNS)
-    taken = {column.lower() for column in columns}
-    for member in sorted(members):
-        # SQLite column names ignore case; a clash would be renamed ("a:1") silently.
-        if member.lower() in taken:
-            continue
-        taken.add(member.lower())
-        columns.append(f"json_extract(data, '{_json_path(member)}') AS {_quoted(member)}")
-    return (
-        f"CREATE VIEW {_quoted(entity)} AS SELECT {', '.join(columns)} "
-        f"FROM objects WHERE entity = '{entity}'"
-    )
 
 
 def _row(object_id: int, data: str) -> dict[str, Any]:
