@@ -44,7 +44,7 @@ from typing import Any
 
 import asyncpg
 
-from bench.pipeline import MODEL, USER, _seed, service_env
+from bench.pipeline import MODEL, USER, _seed, accounts, service_env
 from broker import ObjectList, Session, SyncClient
 from broker.connection import connect, open_channel
 from broker.models import ChangeBatch, SyncResult, UpsertChange
@@ -237,11 +237,11 @@ async def _device(env: dict[str, str]) -> AsyncIterator[tuple[str, Path]]:
     connection = await connect(env["SYNC_AMQP_URL"], "bench-agent")
     try:
         channel = await open_channel(connection)
-        await register_device(conn, channel, device_id, USER)
+        await register_device(conn, channel, accounts(env), device_id, USER)
         try:
             yield device_id, folder
         finally:
-            await unregister_device(conn, channel, device_id)
+            await unregister_device(conn, channel, accounts(env), device_id)
     finally:
         await connection.close()
         await conn.close()

@@ -23,13 +23,20 @@ import asyncpg
 from broker import ObjectList, ObjectRef, Session, SyncClient
 from broker.connection import connect, open_channel
 from device_agent import AgentSettings, DeviceAgent, OfflineStore
+from syncctl.accounts import BrokerAccounts
 from syncctl.devices import register_device
 from worker import Worker, WorkerSettings, load_model
 from worker.schema import init_database
+from worker.settings import ServerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "examples" / "field_service.yaml"
 USER = 900
+
+
+def accounts(env: dict[str, str]) -> BrokerAccounts:
+    """Device accounts on the local broker, managed with the services' operator account."""
+    return BrokerAccounts(ServerSettings().management_url, env["SYNC_AMQP_URL"])
 
 
 def service_env() -> dict[str, str]:
@@ -64,7 +71,7 @@ async def _run_once(env: dict[str, str], ids: list[int], jobs: int) -> tuple[flo
     device_id = f"bench-{uuid.uuid4().hex[:8]}"
     conn = await asyncpg.connect(database_url)
     connection = await connect(amqp_url, "bench")
-    await register_device(conn, await open_channel(connection), device_id, USER)
+    await register_device(conn, await open_channel(connection), accounts(env), device_id, USER)
     await conn.close()
     folder = Path(tempfile.mkdtemp(prefix="bench-"))
     settings = WorkerSettings(amqp_url=amqp_url, database_url=database_url, model=MODEL)

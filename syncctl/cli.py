@@ -11,11 +11,13 @@ from contextlib import asynccontextmanager
 import asyncpg
 from aio_pika.abc import AbstractChannel
 
+from broker.accounts import device_account
 from broker.client import SyncClient
 from broker.connection import connect, open_channel
 from broker.models import ObjectRef, Session
 from broker.runtime import configure_logging, given_flags
 from broker.topology import DEAD_JOBS_QUEUE, JOBS_QUEUE, declare_topology
+from syncctl.accounts import BrokerAccounts
 from syncctl.devices import list_devices, register_device, unregister_device
 from worker.model import ModelError, load_model
 from worker.schema import init_database
@@ -29,6 +31,10 @@ async def _channel(settings: ServerSettings) -> AsyncIterator[AbstractChannel]:
     connection = await connect(settings.amqp_url, "syncctl")
     async with connection:
         yield await open_channel(connection)
+
+
+def _accounts(settings: ServerSettings) -> BrokerAccounts:
+    return BrokerAccounts(settings.management_url, settings.amqp_url)
 
 
 async def db_init(args: argparse.Namespace, settings: ServerSettings) -> int:
@@ -53,10 +59,14 @@ async def device_add(args: argparse.Namespace, settings: ServerSettings) -> int:
     conn = await asyncpg.connect(settings.database_url)
     try:
         async with _channel(settings) as channel:
-            await register_device(conn, channel, args.device, args.user, offline=not args.online)
+            secret = await register_device(
+                conn, channel, _accounts(settings), args.device, args.user, offline=not args.online
+            )
     finally:
         await conn.close()
     print(f"device {args.device} registered for user {args.user}")
+    # Printed once, to stdout only: the device's agent and app log in with it.
+    print(f"amqp user: {device_account(args.device)}\namqp secret: {secret}")
     return 0
 
 
@@ -64,7 +74,7 @@ async def device_remove(args: argparse.Namespace, settings: ServerSettings) -> i
     conn = await asyncpg.connect(settings.database_url)
     try:
         async with _channel(settings) as channel:
-            found = await unregister_device(conn, channel, args.device)
+            found = await unregister_device(conn, channel, _accounts(settings), args.device)
     finally:
         await conn.close()
     print(f"device {args.device} {'removed' if found else 'was not registered'}")

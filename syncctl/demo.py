@@ -19,6 +19,7 @@ from broker.connection import connect, open_channel
 from broker.models import ObjectList, ObjectRef, Session, SyncResult
 from broker.topology import declare_topology
 from device_agent import AgentSettings, DeviceAgent, OfflineStore
+from syncctl.accounts import BrokerAccounts
 from syncctl.devices import register_device
 from worker import Worker, WorkerSettings, load_model
 from worker.model import DomainModel
@@ -131,13 +132,14 @@ async def _prepare_database(settings: ServerSettings, model: DomainModel) -> Non
         users = [user for user, _ in ROLES]
         await conn.execute("DELETE FROM sync.user_role WHERE user_id = ANY($1::bigint[])", users)
         await conn.executemany("INSERT INTO sync.user_role VALUES ($1, $2)", ROLES)
+        accounts = BrokerAccounts(settings.management_url, settings.amqp_url)
         connection = await connect(settings.amqp_url, "syncctl-demo")
         async with connection:
             channel = await open_channel(connection)
             await declare_topology(channel)
             for device_id, user_id, offline in [*DEVICES, WEB_SESSION]:
                 await channel.queue_delete(f"device.{device_id}")
-                await register_device(conn, channel, device_id, user_id, offline=offline)
+                await register_device(conn, channel, accounts, device_id, user_id, offline=offline)
     finally:
         await conn.close()
 

@@ -1,4 +1,5 @@
-"""Device registration: the PostgreSQL row and the durable device queue, together."""
+"""Device registration: the PostgreSQL row, the durable device queue and the device's AMQP
+account, together."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from broker.topology import (
     declare_device_queue,
     delete_device_queue,
 )
+from syncctl.accounts import BrokerAccounts
 
 __all__ = ["list_devices", "register_device", "unregister_device"]
 
@@ -18,16 +20,17 @@ __all__ = ["list_devices", "register_device", "unregister_device"]
 async def register_device(
     conn: asyncpg.Connection,
     channel: AbstractChannel,
+    accounts: BrokerAccounts,
     device_id: str,
     user_id: int,
     *,
     offline: bool = True,
     limits: QueueLimits = DEFAULT_QUEUE_LIMITS,
-) -> None:
-    """Register (or re-register) a device for a user and create its queue.
+) -> str:
+    """Register (or re-register) a device for a user, create its queue and its account.
 
     The queue exists from registration on, so batches wait in it while the device is
-    offline.
+    offline. Returns the account's new secret: the caller shows it once, never logs it.
     """
     await conn.execute(
         "INSERT INTO sync.device (device_id, user_id, offline) VALUES ($1, $2, $3) "
@@ -39,14 +42,17 @@ async def register_device(
     )
     if offline:
         await declare_device_queue(channel, device_id, limits)
+    return await accounts.create_device_account(device_id)
 
 
 async def unregister_device(
-    conn: asyncpg.Connection, channel: AbstractChannel, device_id: str
+    conn: asyncpg.Connection, channel: AbstractChannel, accounts: BrokerAccounts, device_id: str
 ) -> bool:
-    """Remove the registration and delete the queue; ``False`` when it was not registered."""
-    status: str = await conn.execute("DELETE FROM sync.device WHERE device_id = $1", device_id)
+    """Revoke the account, delete the queue and the registration; ``False`` when it was not
+    registered."""
+    await accounts.delete_device_account(device_id)
     await delete_device_queue(channel, device_id)
+    status: str = await conn.execute("DELETE FROM sync.device WHERE device_id = $1", device_id)
     return status != "DELETE 0"
 
 

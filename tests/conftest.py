@@ -14,12 +14,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import aio_pika
 import asyncpg
 import pytest
 
 from broker import ObjectRef, Session, SyncClient, SyncResult
+from broker.accounts import device_account
 from broker.connection import connect, open_channel
 from broker.topology import (
     DEAD_CHANGES_QUEUE,
@@ -30,9 +32,11 @@ from broker.topology import (
     declare_topology,
 )
 from device_agent import AgentSettings, DeviceAgent, OfflineStore
-from syncctl.devices import register_device
+from syncctl.accounts import BrokerAccounts
+from syncctl.devices import register_device, unregister_device
 from worker import DomainModel, Worker, WorkerSettings, parse_model
 from worker.schema import init_database
+from worker.settings import ServerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_PATH = Path(__file__).with_name("model.yaml")
@@ -148,11 +152,15 @@ async def client(services: Services) -> AsyncIterator[SyncClient]:
 
 @dataclass
 class Device:
-    """A registered device with its running agent and a store to look into."""
+    """A registered device with its running agent and a store to look into.
+
+    ``amqp_url`` logs in with the device's own account, as its agent and app do.
+    """
 
     session: Session
     store: OfflineStore
     db_path: Path
+    amqp_url: str
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
 
@@ -189,11 +197,24 @@ async def wait_for(
 MakeDevice = Callable[..., Awaitable[Device]]
 
 
+@pytest.fixture(scope="session")
+def accounts(services: Services) -> BrokerAccounts:
+    return BrokerAccounts(ServerSettings().management_url, services.amqp_url)
+
+
+def account_url(services: Services, device_id: str, secret: str) -> str:
+    """The AMQP URL a device logs in with."""
+    parts = urlsplit(services.amqp_url)
+    user = quote(device_account(device_id), safe="")
+    return urlunsplit(parts._replace(netloc=f"{user}:{secret}@{parts.hostname}:{parts.port}"))
+
+
 @pytest.fixture
 async def make_device(
     services: Services,
     pg: asyncpg.Connection,
     amqp: aio_pika.abc.AbstractRobustChannel,
+    accounts: BrokerAccounts,
     tmp_path: Path,
 ) -> AsyncIterator[MakeDevice]:
     devices: list[Device] = []
@@ -211,13 +232,18 @@ async def make_device(
             "INSERT INTO sync.user_role (user_id, role) VALUES ($1, $2) ON CONFLICT DO NOTHING",
             [(user_id, role) for role in roles],
         )
-        await register_device(pg, amqp, device_id, user_id, offline=offline, limits=limits)
+        secret = await register_device(
+            pg, amqp, accounts, device_id, user_id, offline=offline, limits=limits
+        )
         db_path = tmp_path / f"{device_id}.sqlite"
         device = Device(
-            Session(user_id=user_id, device_id=device_id), await OfflineStore.open(db_path), db_path
+            Session(user_id=user_id, device_id=device_id),
+            await OfflineStore.open(db_path),
+            db_path,
+            account_url(services, device_id, secret),
         )
         if run_agent and offline:
-            await start_agent(services, device)
+            await start_agent(device)
         devices.append(device)
         return device
 
@@ -225,12 +251,12 @@ async def make_device(
     for device in devices:
         await stop_agent(device)
         await device.store.close()
-        await amqp.queue_delete(f"device.{device.device_id}")
+        await unregister_device(pg, amqp, accounts, device.device_id)
 
 
-async def start_agent(services: Services, device: Device) -> None:
+async def start_agent(device: Device) -> None:
     settings = AgentSettings(
-        amqp_url=services.amqp_url, device_id=device.device_id, db_path=device.db_path
+        amqp_url=device.amqp_url, device_id=device.device_id, db_path=device.db_path
     )
     agent = await DeviceAgent.start(settings)
     device.stop = asyncio.Event()

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import MODEL_PATH, ROOT, Services
+from tests.conftest import MODEL_PATH, ROOT, Services, account_url
 
 
 async def _run(services: Services, module: str, *args: str, **env: str) -> tuple[int, str]:
@@ -47,23 +47,27 @@ async def test_worker_check_fails_without_database(services: Services):
 @pytest.mark.usefixtures("pg")
 async def test_device_lifecycle_and_agent_check(services: Services, tmp_path):
     db = str(tmp_path / "cli.sqlite")
+    await _run(services, "syncctl", "device", "remove", "cli-dev")  # left by an aborted run
     assert (await _run(services, "device_agent", "--check", "--device", "cli-dev", "--db", db))[
         0
     ] == 1
 
     code, output = await _run(services, "syncctl", "device", "add", "cli-dev", "--user", "5")
-    assert (code, output) == (0, "device cli-dev registered for user 5\n")
-    assert await _run(services, "syncctl", "device", "list") == (0, "cli-dev\tuser=5\toffline\n")
-    assert await _run(services, "device_agent", "--check", "--device", "cli-dev", "--db", db) == (
+    registered, user, secret = output.splitlines()
+    assert (code, registered, user) == (
         0,
-        "healthy\n",
+        "device cli-dev registered for user 5",
+        "amqp user: device.cli-dev",
     )
+    own_account = account_url(services, "cli-dev", secret.removeprefix("amqp secret: "))
+    assert await _run(services, "syncctl", "device", "list") == (0, "cli-dev\tuser=5\toffline\n")
+    check = ("device_agent", "--check", "--device", "cli-dev", "--db", db)
+    assert await _run(services, *check, SYNC_AMQP_URL=own_account) == (0, "healthy\n")
 
     assert (await _run(services, "syncctl", "device", "remove", "cli-dev"))[0] == 0
     assert await _run(services, "syncctl", "device", "list") == (0, "")
-    assert (await _run(services, "device_agent", "--check", "--device", "cli-dev", "--db", db))[
-        0
-    ] == 1
+    # The account is revoked with the registration.
+    assert (await _run(services, *check, SYNC_AMQP_URL=own_account))[0] == 1
 
 
 async def test_bad_model_file_is_refused_with_its_position(services: Services, tmp_path):

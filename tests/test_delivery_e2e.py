@@ -20,7 +20,7 @@ from tests.conftest import ROOT, MakeDevice, Services, insert, wait_for
 pytestmark = pytest.mark.usefixtures("worker")
 
 
-async def _spawn_agent(services: Services, device) -> asyncio.subprocess.Process:
+async def _spawn_agent(device) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -31,7 +31,7 @@ async def _spawn_agent(services: Services, device) -> asyncio.subprocess.Process
         str(device.db_path),
         "--prefetch",
         "1",
-        env={**os.environ, "SYNC_AMQP_URL": services.amqp_url},
+        env={**os.environ, "SYNC_AMQP_URL": device.amqp_url},
         cwd=ROOT,
         stderr=asyncio.subprocess.DEVNULL,
     )
@@ -55,7 +55,7 @@ async def test_agent_killed_mid_stream_applies_every_batch_exactly_once(
 
     kills = 0
     while True:
-        agent = await _spawn_agent(services, device)
+        agent = await _spawn_agent(device)
         applied_before = len(await device.store.applied_batch_ids(result.batch_ids))
         target = min(applied_before + 10, len(result.batch_ids))
         await wait_for(partial(_applied_at_least, device, result.batch_ids, target), timeout=20)

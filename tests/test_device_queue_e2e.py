@@ -40,7 +40,7 @@ async def test_full_queue_refuses_the_job_and_the_device_is_told_to_resync(
     await wait_for(lambda: _is_marked(pg, device))
     assert await _marked(pg, device) == "maxlen"
 
-    await start_agent(services, device)
+    await start_agent(device)
     result = await _sync_one(client, device, tasks[4])
     assert result.status == "done"
     await device.settled(result)
@@ -65,7 +65,7 @@ async def test_batches_older_than_the_queue_ttl_expire_and_the_device_is_told(
     await wait_for(lambda: _is_marked(pg, device))
     assert await _marked(pg, device) == "expired"
 
-    await start_agent(services, device)
+    await start_agent(device)
     result = await _sync_one(client, device, late)
     await device.settled(result)
     assert await device.store.ids("Task") == [late]

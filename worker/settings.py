@@ -16,6 +16,8 @@ class ServerSettings(BrokerSettings):
 
     database_url: str = "postgresql://sync:sync@127.0.0.1:5433/sync"
     model: Path = Path("examples/field_service.yaml")
+    # RabbitMQ's management API, where syncctl creates and removes device accounts.
+    management_url: str = "http://127.0.0.1:15673"
 
 
 class WorkerSettings(ServerSettings):

@@ -1,0 +1,71 @@
+"""Creates and removes device accounts through RabbitMQ's management HTTP API."""
+
+from __future__ import annotations
+
+import secrets
+from urllib.parse import quote, unquote, urlsplit
+
+import httpx
+
+from broker.accounts import device_account, device_permissions
+
+__all__ = ["BrokerAccounts", "BrokerAccountsError"]
+
+
+class BrokerAccountsError(Exception):
+    """The management API refused a request; the message says which and why."""
+
+
+class BrokerAccounts:
+    """Device accounts on the broker, managed with the operator's (administrator) account.
+
+    Example::
+
+        accounts = BrokerAccounts("http://127.0.0.1:15673", "amqp://sync:sync@127.0.0.1:5673/")
+        secret = await accounts.create_device_account("dev-1")  # shown once, never logged
+    """
+
+    def __init__(self, management_url: str, amqp_url: str) -> None:
+        parts = urlsplit(amqp_url)
+        self._auth = (unquote(parts.username or "guest"), unquote(parts.password or "guest"))
+        self._vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
+        self._base = management_url.rstrip("/")
+
+    async def create_device_account(self, device_id: str) -> str:
+        """Create (or reset) the device's AMQP user and permissions; returns its secret."""
+        user = quote(device_account(device_id), safe="")
+        secret = secrets.token_urlsafe(24)
+        async with self._client() as client:
+            await self._call(client, "PUT", f"/api/users/{user}", {"password": secret, "tags": ""})
+            vhost = quote(self._vhost, safe="")
+            await self._call(
+                client, "PUT", f"/api/permissions/{vhost}/{user}", device_permissions(device_id)
+            )
+        return secret
+
+    async def delete_device_account(self, device_id: str) -> None:
+        """Delete the device's AMQP user (its open connections are closed by the broker)."""
+        user = quote(device_account(device_id), safe="")
+        async with self._client() as client:
+            await self._call(client, "DELETE", f"/api/users/{user}", missing_ok=True)
+
+    def _client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self._base, auth=self._auth, timeout=10.0)
+
+    async def _call(
+        self,
+        client: httpx.AsyncClient,
+        method: str,
+        path: str,
+        body: dict[str, str] | None = None,
+        *,
+        missing_ok: bool = False,
+    ) -> None:
+        response = await client.request(method, path, json=body)
+        if response.status_code == 404 and missing_ok:
+            return
+        if response.is_error:
+            # The path names the account, never the secret, so the message is safe to log.
+            raise BrokerAccountsError(
+                f"{method} {path}: {response.status_code} {response.text[:200]}"
+            )
