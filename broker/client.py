@@ -30,7 +30,7 @@ from broker.models import (
     UncommittedChange,
 )
 from broker.publishing import json_message, publish_confirmed
-from broker.topology import JOBS_EXCHANGE, declare_exchange
+from broker.topology import JOBS_EXCHANGE
 
 __all__ = ["DIRECT_REPLY_TO", "SyncClient"]
 
@@ -73,7 +73,8 @@ class SyncClient(AsyncClosable):
     ) -> SyncClient:
         connection = await connect(amqp_url, name)
         channel = await open_channel(connection)
-        jobs = await declare_exchange(channel, JOBS_EXCHANGE)
+        # Passive: devices may not configure anything; the topology is declared by operators.
+        jobs = await channel.get_exchange(JOBS_EXCHANGE.name)
         client = cls(
             connection,
             channel,

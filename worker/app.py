@@ -77,7 +77,13 @@ class Worker:
             window=settings.confirm_window,
         )
         consumer = JobConsumer(
-            JobHandler(pool, model, publisher, chunk_size=settings.chunk_size),
+            JobHandler(
+                pool,
+                model,
+                publisher,
+                chunk_size=settings.chunk_size,
+                trusted_publishers=settings.trusted_publishers,
+            ),
             await declare_exchange(channel, DEAD_JOBS_EXCHANGE),
             channel.default_exchange,
             publish_timeout=settings.publish_timeout,

@@ -84,7 +84,7 @@ class JobConsumer:
         try:
             result = await retry_while_held(
                 message,
-                partial(self._handler.handle, job),
+                partial(self._handler.handle, job, message.user_id),
                 transient=TRANSIENT_ERRORS,
                 what=f"job {job.job_id}",
             )
@@ -99,9 +99,10 @@ class JobConsumer:
         await self._reply(message, result)
         await ack(message)
         log.info(
-            "job done job_id=%s device_id=%s status=%s synced=%d removed=%d skipped=%d "
-            "batches=%d ms=%.1f",
+            "job done job_id=%s publisher=%s body_device_id=%s status=%s synced=%d removed=%d "
+            "skipped=%d batches=%d ms=%.1f",
             job.job_id,
+            message.user_id,
             job.session.device_id,
             result.status,
             result.synced,

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import asyncpg
 
-from broker.models import ResyncChange, SyncJob, SyncResult
+from broker.accounts import device_of_account
+from broker.models import ResyncChange, Session, SyncJob, SyncResult
 from worker.access import AccessPolicy
 from worker.eligibility import check_job_names, decide
 from worker.errors import JobRejected
@@ -41,34 +44,36 @@ class JobHandler:
         publisher: BatchPublisher,
         *,
         chunk_size: int,
+        trusted_publishers: Collection[str],
     ) -> None:
         self._pool = pool
         self._model = model
         self._policy = AccessPolicy(model)
         self._publisher = publisher
         self._chunk_size = chunk_size
+        self._trusted_publishers = frozenset(trusted_publishers)
 
-    async def handle(self, job: SyncJob) -> SyncResult:
+    async def handle(self, job: SyncJob, publisher: str | None) -> SyncResult:
+        """Handle ``job`` published by the AMQP account ``publisher`` (checked by the broker)."""
+        device_id, claimed_user = self._claim(job, publisher)
         if job.origin != "nanoflow":
             return ignored(job, "not-called-from-nanoflow")
-        session = job.session
         async with self._pool.acquire() as conn, conn.transaction(readonly=True):
             # Held from the read until the batches are confirmed, so two workers cannot
             # interleave one device's jobs: the later reader always publishes later.
             await conn.execute(
-                "SELECT pg_advisory_xact_lock($1, hashtext($2))",
-                DEVICE_LOCK_CLASS,
-                session.device_id,
+                "SELECT pg_advisory_xact_lock($1, hashtext($2))", DEVICE_LOCK_CLASS, device_id
             )
             device = await conn.fetchrow(
                 "SELECT user_id, offline, resync_reason, resync_since "
                 "FROM sync.device WHERE device_id = $1",
-                session.device_id,
+                device_id,
             )
             if device is None:
                 raise JobRejected("unknown-device")
-            if device["user_id"] != session.user_id:
+            if claimed_user is not None and device["user_id"] != claimed_user:
                 raise JobRejected("device-not-owned")
+            session = Session(user_id=device["user_id"], device_id=device_id)
             if not device["offline"]:
                 return ignored(job, "online-app")
             check_job_names(job, self._model)
@@ -97,6 +102,20 @@ class JobHandler:
             objects=tuple(decision.outcomes),
             batch_ids=tuple(batch_ids),
         )
+
+    def _claim(self, job: SyncJob, publisher: str | None) -> tuple[str, int | None]:
+        """The device the job is for, and the user it claims (to check) if any.
+
+        A device account speaks for its own device only: the session in the body is
+        ignored and the user is the device's registered owner. A trusted account (the app
+        server) may name any session, which must then own the device.
+        """
+        own_device = device_of_account(publisher)
+        if own_device is not None:
+            return own_device, None
+        if publisher in self._trusted_publishers:
+            return job.session.device_id, job.session.user_id
+        raise JobRejected(f"untrusted-publisher: {publisher or 'no user_id'}")
 
     async def _resync_announced(self, device_id: str, resync: ResyncChange) -> None:
         """Clear the mark the device was just told about (on another connection: the job's

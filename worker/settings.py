@@ -28,5 +28,8 @@ class WorkerSettings(ServerSettings):
     chunk_size: int = Field(default=5_000, ge=1, le=100_000)
     publish_timeout: float = Field(default=10.0, gt=0)
     confirm_window: int = Field(default=64, ge=1, le=10_000)
+    # AMQP accounts that may publish jobs for any registered session (the app server);
+    # device accounts always speak for their own device only.
+    trusted_publishers: tuple[str, ...] = ("sync",)
     # On SIGTERM, how long jobs in hand may take to finish before they are handed back.
     shutdown_grace: float = Field(default=30.0, ge=0)

@@ -1,0 +1,150 @@
+"""SPEC §8 against the real broker and database: each device reads only its own data,
+jobs cannot be forged, and what arrives from outside never reaches SQL as code."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import aio_pika
+import pytest
+from aio_pika.abc import AbstractChannel
+from aiormq.exceptions import ChannelAccessRefused, ChannelPreconditionFailed
+
+from broker import ObjectRef, Session, SyncClient
+from broker.accounts import device_account
+from broker.topology import CHANGES_EXCHANGE, JOBS_EXCHANGE, device_queue_name
+from tests.conftest import Device, MakeDevice, dead_letters, insert, sync_settled
+
+pytestmark = pytest.mark.usefixtures("worker")
+
+Attack = Callable[[AbstractChannel], Awaitable[object]]
+
+
+@asynccontextmanager
+async def _channel_as(device: Device) -> AsyncIterator[AbstractChannel]:
+    connection = await aio_pika.connect(device.amqp_url)
+    try:
+        yield await connection.channel(publisher_confirms=True)
+    finally:
+        await connection.close()
+
+
+async def _refused(device: Device, attack: Attack) -> type[Exception]:
+    """Run ``attack`` on a fresh channel of ``device``; the error the broker closed it with."""
+    async with _channel_as(device) as channel:
+        with pytest.raises((ChannelAccessRefused, ChannelPreconditionFailed)) as raised:
+            await attack(channel)
+    return raised.type
+
+
+async def _get(channel: AbstractChannel, queue_name: str) -> object:
+    queue = await channel.get_queue(queue_name, ensure=False)
+    return await queue.get(fail=False)
+
+
+async def _ignore(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+    await message.nack(requeue=True)
+
+
+async def _consume(channel: AbstractChannel, queue_name: str) -> object:
+    queue = await channel.get_queue(queue_name, ensure=False)
+    return await queue.consume(_ignore)
+
+
+async def _publish(
+    channel: AbstractChannel, exchange: str, routing_key: str, **properties: object
+) -> object:
+    target = await channel.get_exchange(exchange, ensure=False)
+    return await target.publish(aio_pika.Message(b"{}", **properties), routing_key)  # type: ignore[arg-type]
+
+
+async def test_a_device_cannot_read_or_redirect_another_devices_queue(make_device: MakeDevice):
+    mine = await make_device(7, ["Admin"], run_agent=False)
+    theirs = await make_device(8, ["Admin"], run_agent=False)
+    other_queue = device_queue_name(theirs.device_id)
+
+    assert await _refused(mine, lambda ch: _get(ch, other_queue)) is ChannelAccessRefused
+    assert await _refused(mine, lambda ch: _consume(ch, other_queue)) is ChannelAccessRefused
+
+    async def bind_my_queue_to_their_batches(channel: AbstractChannel) -> object:
+        queue = await channel.get_queue(device_queue_name(mine.device_id), ensure=False)
+        return await queue.bind(CHANGES_EXCHANGE.name, routing_key=theirs.device_id)
+
+    assert await _refused(mine, bind_my_queue_to_their_batches) is ChannelAccessRefused
+
+    async def declare_a_queue(channel: AbstractChannel) -> object:
+        return await channel.declare_queue("stolen", auto_delete=True)
+
+    assert await _refused(mine, declare_a_queue) is ChannelAccessRefused
+    # Its own queue it may consume.
+    async with _channel_as(mine) as channel:
+        assert await _consume(channel, device_queue_name(mine.device_id))
+
+
+async def test_a_device_cannot_publish_change_batches(make_device: MakeDevice):
+    mine = await make_device(7, ["Admin"], run_agent=False)
+    theirs = await make_device(8, ["Admin"], run_agent=False)
+    attack = lambda ch: _publish(ch, CHANGES_EXCHANGE.name, theirs.device_id)  # noqa: E731
+    assert await _refused(mine, attack) is ChannelAccessRefused
+
+
+@pytest.mark.parametrize("forged", ["other-device", "sync"])
+async def test_a_forged_user_id_is_refused_by_the_broker(make_device: MakeDevice, forged: str):
+    mine = await make_device(7, ["Admin"], run_agent=False)
+    theirs = await make_device(8, ["Admin"], run_agent=False)
+    user_id = device_account(theirs.device_id) if forged == "other-device" else forged
+    attack = lambda ch: _publish(ch, JOBS_EXCHANGE.name, "", user_id=user_id)  # noqa: E731
+    assert await _refused(mine, attack) is ChannelPreconditionFailed
+
+
+async def test_a_job_body_naming_another_user_and_device_is_ignored(make_device: MakeDevice, pg):
+    # User 7 may read titles only; user 8 everything, including the secret.
+    mine = await make_device(7, ["Worker"])
+    theirs = await make_device(8, ["Admin"])
+    task = await insert(pg, "t_task", title="t", status="Open", secret="s3cret")
+    async with await SyncClient.connect(mine.amqp_url, name="device-client") as device_client:
+        result = await device_client.synchronize_to_device(
+            Session(user_id=8, device_id=theirs.device_id), objects=[ObjectRef("Task", task)]
+        )
+    assert result.status == "done"
+    await mine.settled(result)
+    # The job ran for the publishing device and its own user: user 8's rights did not apply.
+    assert await mine.store.get_committed("Task", task) == {"title": "t", "status": "Open"}
+    assert await theirs.store.ids("Task") == []
+
+
+async def test_the_app_server_account_may_sync_any_owned_session(
+    client: SyncClient, make_device: MakeDevice, pg
+):
+    device = await make_device(7, ["Admin"])
+    task = await insert(pg, "t_task", title="t")
+    await sync_settled(client, device, [ObjectRef("Task", task)])
+    assert await device.store.ids("Task") == [task]
+
+
+@pytest.mark.parametrize(
+    ("objects", "reason"),
+    [
+        ([{"entity": "Task; DROP TABLE t_task; --", "id": 1}], "invalid-job: objects.0.entity"),
+        ([{"entity": "Task", "id": "1 OR 1=1"}], "invalid-job: objects.0.id"),
+        ([{"entity": "Task", "id": 2**63}], "invalid-job: objects.0.id"),
+    ],
+)
+async def test_sql_through_ids_and_entity_names_is_refused_as_invalid(
+    client: SyncClient, make_device: MakeDevice, pg, amqp, objects, reason: str
+):
+    device = await make_device(7, ["Admin"])
+    await insert(pg, "t_task", title="still here")
+    body = {
+        "schema_version": 1,
+        "job_id": "injection",
+        "session": device.session.model_dump(),
+        "origin": "nanoflow",
+        "objects": objects,
+    }
+    result = await client.publish_raw(json.dumps(body).encode(), job_id="injection", timeout=10)
+    assert result.status == "rejected" and (result.reason or "").startswith(reason)
+    assert (await dead_letters(amqp))["injection"].startswith(reason)
+    assert await pg.fetchval("SELECT count(*) FROM t_task") == 1
