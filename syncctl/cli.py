@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,7 +21,7 @@ from broker.topology import DEAD_JOBS_QUEUE, JOBS_QUEUE, declare_topology
 from syncctl.accounts import BrokerAccounts
 from syncctl.devices import list_devices, register_device, unregister_device
 from worker.model import ModelError, load_model
-from worker.schema import init_database
+from worker.schema import create_worker_role, init_database
 from worker.settings import ServerSettings
 
 __all__ = ["main"]
@@ -42,9 +43,17 @@ async def db_init(args: argparse.Namespace, settings: ServerSettings) -> int:
     conn = await asyncpg.connect(settings.database_url)
     try:
         tables = await init_database(conn, model, create_tables=args.create_tables)
+        if args.worker_role:
+            password = os.environ.get("SYNC_WORKER_DB_PASSWORD")
+            if not password:
+                print("--worker-role needs SYNC_WORKER_DB_PASSWORD", file=sys.stderr)
+                return 2
+            await create_worker_role(conn, model, args.worker_role, password)
     finally:
         await conn.close()
     print(f"sync schema ready; version trigger on {len(tables)} tables: {', '.join(tables)}")
+    if args.worker_role:
+        print(f"worker role {args.worker_role}: reads the app tables, writes no app data")
     return 0
 
 
@@ -142,6 +151,11 @@ def _parser() -> argparse.ArgumentParser:
     db = commands.add_parser("db").add_subparsers(dest="action", required=True)
     init = db.add_parser("init", help="create the sync schema and version triggers")
     init.add_argument("--create-tables", action="store_true", help="create missing app tables")
+    init.add_argument(
+        "--worker-role",
+        metavar="NAME",
+        help="create the workers' read-only role; password from SYNC_WORKER_DB_PASSWORD",
+    )
     init.set_defaults(run=db_init)
 
     topology = commands.add_parser("topology").add_subparsers(dest="action", required=True)

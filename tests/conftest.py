@@ -35,7 +35,7 @@ from device_agent import AgentSettings, DeviceAgent, OfflineStore
 from syncctl.accounts import BrokerAccounts
 from syncctl.devices import register_device, unregister_device
 from worker import DomainModel, Worker, WorkerSettings, parse_model
-from worker.schema import init_database
+from worker.schema import create_worker_role, init_database
 from worker.settings import ServerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,10 +53,20 @@ APP_TABLES = (
 BROKEN_TABLES = ("t_ghost",)
 
 
+WORKER_ROLE = "sync_worker"
+
+
 @dataclass(frozen=True)
 class Services:
     amqp_url: str
     database_url: str
+
+    @property
+    def worker_database_url(self) -> str:
+        """Workers log in with the read-only role, as in production (SPEC §8)."""
+        parts = urlsplit(self.database_url)
+        netloc = f"{WORKER_ROLE}:{WORKER_ROLE}@{parts.hostname}:{parts.port}"
+        return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _service_urls() -> Services:
@@ -91,6 +101,7 @@ async def schema(services: Services, model: DomainModel) -> None:
         for table in (*APP_TABLES, *BROKEN_TABLES):
             await conn.execute(f"DROP TABLE IF EXISTS {table}")
         await init_database(conn, model, create_tables=True)
+        await create_worker_role(conn, model, WORKER_ROLE, WORKER_ROLE)
         for table in BROKEN_TABLES:
             await conn.execute(f"DROP TABLE {table}")
     finally:
@@ -125,7 +136,7 @@ async def clean_queues(amqp: aio_pika.abc.AbstractRobustChannel) -> None:
 def worker_settings(services: Services, **overrides: object) -> WorkerSettings:
     values: dict[str, object] = {
         "amqp_url": services.amqp_url,
-        "database_url": services.database_url,
+        "database_url": services.worker_database_url,
         "model": MODEL_PATH,
         "name": f"test-worker-{os.getpid()}",
         "batch_size": 50,

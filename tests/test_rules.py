@@ -209,8 +209,9 @@ def test_values_travel_as_parameters_and_identifiers_are_quoted():
     sql, params = _compile("[status = 'x'' OR 1=1 --'][Ticket_Project/Project/name = 'y']")
     assert "OR 1=1" not in sql
     assert sql == (
-        '(lower(t0."status") = lower($2::text)) IS TRUE AND EXISTS (SELECT 1 FROM "t_project" a1 '
-        'WHERE a1.id = t0."project_id" AND lower(a1."name") = lower($3::text))'
+        '(lower(t0."status") = lower($2::text)) IS TRUE AND EXISTS (SELECT 1 '
+        'FROM "public"."t_project" a1 WHERE a1.id = t0."project_id" '
+        'AND lower(a1."name") = lower($3::text))'
     ).join("()")
     assert params.values(user_id=7) == ["x' OR 1=1 --", "y"]
 
@@ -225,7 +226,7 @@ def test_reverse_hop_joins_on_the_other_side_column():
     sql, _ = _compile(
         "[Assignment_Project/Assignment/Assignment_User = '[%CurrentUser%]']", entity="Project"
     )
-    assert 'FROM "t_assignment" a1 WHERE a1."project_id" = t0.id' in sql
+    assert 'FROM "public"."t_assignment" a1 WHERE a1."project_id" = t0.id' in sql
 
 
 def test_bad_constraint_fails_the_model_load_with_the_rules_position():

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import aio_pika
+import asyncpg
 import pytest
 from aio_pika.abc import AbstractChannel
 from aiormq.exceptions import ChannelAccessRefused, ChannelPreconditionFailed
@@ -148,3 +149,27 @@ async def test_sql_through_ids_and_entity_names_is_refused_as_invalid(
     assert result.status == "rejected" and (result.reason or "").startswith(reason)
     assert (await dead_letters(amqp))["injection"].startswith(reason)
     assert await pg.fetchval("SELECT count(*) FROM t_task") == 1
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "INSERT INTO t_task (title) VALUES ('planted')",
+        "UPDATE t_task SET title = 'changed'",
+        "DELETE FROM t_task",
+        "TRUNCATE t_task",
+        "UPDATE sync.device SET user_id = 1",
+        "INSERT INTO sync.user_role VALUES (7, 'Admin')",
+        "CREATE TABLE public.planted (id int)",
+    ],
+)
+async def test_the_worker_role_cannot_write_application_data(services, pg, statement: str):
+    await insert(pg, "t_task", title="t")
+    worker_conn = await asyncpg.connect(services.worker_database_url)
+    try:
+        assert await worker_conn.fetchval("SELECT count(*) FROM t_task") == 1
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await worker_conn.execute(statement)
+    finally:
+        await worker_conn.close()
+    assert await pg.fetchval("SELECT title FROM t_task") == "t"

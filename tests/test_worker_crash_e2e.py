@@ -24,7 +24,7 @@ async def _spawn_worker(services: Services, name: str) -> asyncio.subprocess.Pro
     env = {
         **os.environ,
         "SYNC_AMQP_URL": services.amqp_url,
-        "SYNC_DATABASE_URL": services.database_url,
+        "SYNC_DATABASE_URL": services.worker_database_url,
         "SYNC_MODEL": str(MODEL_PATH),
         "SYNC_BATCH_SIZE": "10",
         "SYNC_PREFETCH": "4",

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import re
+
 import asyncpg
 
 from worker.model import AttributeType, DomainModel, Entity
 from worker.sql import quote_ident, quote_table
 
-__all__ = ["SYNC_SCHEMA_SQL", "create_index_sqls", "create_table_sql", "init_database"]
+__all__ = [
+    "SYNC_SCHEMA_SQL",
+    "create_index_sqls",
+    "create_table_sql",
+    "create_worker_role",
+    "init_database",
+]
 
 SYNC_SCHEMA_SQL = """
 CREATE SCHEMA IF NOT EXISTS sync;
@@ -34,6 +42,8 @@ BEGIN
 END
 $$;
 """
+
+_ROLE_PATTERN = r"[a-z_][a-z0-9_]{0,62}"
 
 _SQL_TYPES: dict[AttributeType, str] = {
     "string": "text",
@@ -98,3 +108,41 @@ async def init_database(
             await conn.execute(_trigger_sql(entity.table))
             tables.append(entity.table)
     return tables
+
+
+async def create_worker_role(
+    conn: asyncpg.Connection, model: DomainModel, role: str, password: str
+) -> None:
+    """Create (or update) the role workers log in with: it reads the application tables and
+    ``sync``'s, and may write only the device's resync mark. Safe to run again.
+
+    Example::
+
+        await create_worker_role(conn, model, "sync_worker", os.environ["SYNC_WORKER_DB_PASSWORD"])
+    """
+    if not re.fullmatch(_ROLE_PATTERN, role):
+        raise ValueError(f"not a valid role name: {role!r} (must match {_ROLE_PATTERN})")
+    exists = await conn.fetchval("SELECT true FROM pg_roles WHERE rolname = $1", role)
+    verb = "ALTER" if exists else "CREATE"
+    # PostgreSQL quotes the name and the password itself: DDL takes no bind parameters.
+    statement = await conn.fetchval(
+        f"SELECT format('{verb} ROLE %I LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD %L', "
+        "$1::text, $2::text)",
+        role,
+        password,
+    )
+    tables = [
+        entity.table for entity in model.entities.values() if entity.table and entity.persistable
+    ]
+    schemas = sorted({table.split(".")[0] if "." in table else "public" for table in tables})
+    grantee = quote_ident(role)
+    async with conn.transaction():
+        await conn.execute(statement)
+        for schema in [*schemas, "sync"]:
+            await conn.execute(f"GRANT USAGE ON SCHEMA {quote_ident(schema)} TO {grantee}")
+        await conn.execute(f"GRANT SELECT ON sync.device, sync.user_role TO {grantee}")
+        await conn.execute(
+            f"GRANT UPDATE (resync_reason, resync_since) ON sync.device TO {grantee}"
+        )
+        for table in tables:
+            await conn.execute(f"GRANT SELECT ON {quote_table(table)} TO {grantee}")

@@ -17,4 +17,8 @@ def quote_ident(name: str) -> str:
 
 
 def quote_table(table: str) -> str:
-    return ".".join(quote_ident(part) for part in table.split("."))
+    """``schema.table`` quoted; a table without a schema is in ``public``, whatever the
+    search path of the role at hand (an operator's role named like a schema, say ``sync``,
+    would otherwise create and find tables there)."""
+    schema, _, name = table.rpartition(".")
+    return f"{quote_ident(schema or 'public')}.{quote_ident(name)}"
