@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -44,7 +43,7 @@ async def db_init(args: argparse.Namespace, settings: ServerSettings) -> int:
     try:
         tables = await init_database(conn, model, create_tables=args.create_tables)
         if args.worker_role:
-            password = os.environ.get("SYNC_WORKER_DB_PASSWORD")
+            password = settings.worker_db_password
             if not password:
                 print("--worker-role needs SYNC_WORKER_DB_PASSWORD", file=sys.stderr)
                 return 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 import tomllib
+from itertools import pairwise
 from pathlib import Path
 
 import yaml
@@ -38,14 +39,22 @@ def test_app_settings_are_ones_the_code_reads():
 def test_credentials_match_between_services_and_urls():
     rabbit = COMPOSE["services"]["rabbitmq"]["environment"]
     postgres = COMPOSE["services"]["postgres"]["environment"]
-    environment = COMPOSE["services"]["worker"]["environment"]
+    init = COMPOSE["services"]["init"]["environment"]
+    worker = COMPOSE["services"]["worker"]["environment"]
     user, password = rabbit["RABBITMQ_DEFAULT_USER"], rabbit["RABBITMQ_DEFAULT_PASS"]
-    assert environment["SYNC_AMQP_URL"].startswith(f"amqp://{user}:{password}@rabbitmq:5672/")
-    expected = (
+    for environment in (init, worker):
+        assert environment["SYNC_AMQP_URL"].startswith(f"amqp://{user}:{password}@rabbitmq:5672/")
+    assert init["SYNC_DATABASE_URL"] == (
         f"postgresql://{postgres['POSTGRES_USER']}:{postgres['POSTGRES_PASSWORD']}"
         f"@postgres:5432/{postgres['POSTGRES_DB']}"
     )
-    assert environment["SYNC_DATABASE_URL"] == expected
+    # Workers log in with the read-only role init creates, with the password init sets.
+    words = shlex.split(COMPOSE["services"]["init"]["command"][-1])
+    role = words[words.index("--worker-role") + 1]
+    assert worker["SYNC_DATABASE_URL"] == (
+        f"postgresql://{role}:{init['SYNC_WORKER_DB_PASSWORD']}"
+        f"@postgres:5432/{postgres['POSTGRES_DB']}"
+    )
 
 
 def test_commands_are_the_projects_console_scripts():
@@ -53,5 +62,6 @@ def test_commands_are_the_projects_console_scripts():
     for name in APP_SERVICES:
         command = COMPOSE["services"][name]["command"]
         words = shlex.split(command[-1]) if command[0] == "sh" else command
-        programs = {word for word in words if word.startswith(("sync", "syncctl"))}
+        # The first word and each word after "&&" is a program.
+        programs = {words[0]} | {after for word, after in pairwise(words) if word == "&&"}
         assert programs and programs <= scripts, (name, programs)

@@ -18,6 +18,8 @@ class ServerSettings(BrokerSettings):
     model: Path = Path("examples/field_service.yaml")
     # RabbitMQ's management API, where syncctl creates and removes device accounts.
     management_url: str = "http://127.0.0.1:15673"
+    # Password for the workers' read-only role, when `syncctl db init --worker-role` runs.
+    worker_db_password: str | None = None
 
 
 class WorkerSettings(ServerSettings):
