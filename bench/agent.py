@@ -44,7 +44,8 @@ from typing import Any
 
 import asyncpg
 
-from bench.pipeline import MODEL, USER, _seed, accounts, service_env
+from bench.report import Figure
+from bench.rig import MODEL, USER, accounts, seed_work_orders, service_env
 from broker import ObjectList, Session, SyncClient
 from broker.connection import connect, open_channel
 from broker.models import ChangeBatch, SyncResult, UpsertChange
@@ -345,7 +346,7 @@ async def agent_runs(
     env: dict[str, str], objects: int, batch_size: int, runs: int
 ) -> tuple[list[OnlineRun], list[BacklogRun]]:
     _progress(f"seeding {objects:,} work orders")
-    ids = await _seed(env["SYNC_DATABASE_URL"], objects)
+    ids = await seed_work_orders(env["SYNC_DATABASE_URL"], objects)
     conn = await asyncpg.connect(env["SYNC_DATABASE_URL"])
     try:
         await conn.execute(SHAPE_SQL)
@@ -424,6 +425,27 @@ def _report(
         f"(median, min and max of {len(store)} runs; the agent runs with prefetch {prefetch}; "
         "every figure includes SQLite fsyncs)"
     )
+
+
+async def device_side(
+    env: dict[str, str], *, objects: int = 100_000, batch_size: int = 500, runs: int = 3
+) -> list[Figure]:
+    """The suite's figures: store apply rate, the agent draining a backlog, its memory."""
+    rates = await apply_rates(objects, batch_size, runs)
+    online, backlog = await agent_runs(env, objects, batch_size, runs)
+    job = f"{objects:,}-object job, batches of {batch_size}"
+    return [
+        Figure("agent: store apply_batch (in process)", "objects/s", tuple(rates[STORE])),
+        Figure("agent process: draining a backlog", "objects/s", tuple(r.rate for r in backlog)),
+        Figure(
+            "agent process: peak RSS",
+            "MB",
+            tuple(max(r.peak_rss for r in runs_) for runs_ in zip(online, backlog, strict=True)),
+            kind="info",
+            higher_is_better=False,
+            note=job,
+        ),
+    ]
 
 
 async def main(objects: int, batch_size: int, runs: int) -> None:

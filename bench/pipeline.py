@@ -1,132 +1,142 @@
-"""A first end-to-end figure: one worker and one agent on the local services.
+"""End-to-end figures: objects or jobs from publish until committed on the devices.
 
-    .venv/bin/python -m bench.pipeline [--objects 10000] [--jobs 500] [--runs 3]
+    .venv/bin/python -m bench.pipeline [--runs 3] [--workers 1]
 
-Prints the median of several runs for: a bulk list job (objects/s from publish to rows
-committed on the device) and a stream of single-object jobs (jobs/s until the last one
-is applied). The full benchmark suite with the raw ceilings is the benchmarks issue's.
+- **bulk**: 100 list jobs of 1,000 objects over 10 devices, published at once (SPEC §11:
+  1,000-object list jobs, small rows); objects/s until the last batch is applied.
+- **small jobs**: 2,000 single-object jobs over 10 devices, all in flight; jobs/s.
+- **latency**: single-object jobs offered at a fixed rate (500/s for 5 s); p50, p95 and
+  p99 from the moment each job was due to be published until its batch was committed
+  on its device, so a slow publisher counts against the figure too.
+
+Workers run as processes; agents and the client share this process.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
-import subprocess
-import tempfile
 import time
-import uuid
-from pathlib import Path
 
-import asyncpg
+from bench.report import Figure, as_table, progress
+from bench.rig import Rig, rig, seed_work_orders, service_env
+from broker import ObjectList
 
-from broker import ObjectList, ObjectRef, Session, SyncClient
-from broker.connection import connect, open_channel
-from device_agent import AgentSettings, DeviceAgent, OfflineStore
-from syncctl.accounts import BrokerAccounts
-from syncctl.devices import register_device
-from worker import Worker, WorkerSettings, load_model
-from worker.schema import init_database
-from worker.settings import ServerSettings
+__all__ = ["pipeline"]
 
-ROOT = Path(__file__).resolve().parent.parent
-MODEL = ROOT / "examples" / "field_service.yaml"
-USER = 900
+DEVICES = 10
 
 
-def accounts(env: dict[str, str]) -> BrokerAccounts:
-    """Device accounts on the local broker, managed with the services' operator account."""
-    return BrokerAccounts(ServerSettings().management_url, env["SYNC_AMQP_URL"])
-
-
-def service_env() -> dict[str, str]:
-    script = ROOT / "scripts" / "services.sh"
-    subprocess.run(["bash", str(script), "start"], check=True, capture_output=True)
-    lines = subprocess.run(
-        ["bash", str(script), "env"], check=True, capture_output=True, text=True
-    ).stdout.splitlines()
-    return dict(line.removeprefix("export ").split("=", 1) for line in lines)
-
-
-async def _seed(database_url: str, count: int) -> list[int]:
-    conn = await asyncpg.connect(database_url)
-    try:
-        await init_database(conn, await load_model(MODEL), create_tables=True)
-        # The bench owns the local services' work orders while it runs (the demo reseeds).
-        await conn.execute("TRUNCATE work_order RESTART IDENTITY")
-        await conn.execute("DELETE FROM sync.user_role WHERE user_id = $1", USER)
-        await conn.execute("INSERT INTO sync.user_role VALUES ($1, 'Dispatcher')", USER)
-        rows = await conn.fetch(
-            "INSERT INTO work_order (title, status, amount) "
-            "SELECT 'order ' || g, 'Open', g FROM generate_series(1, $1) g RETURNING id",
-            count,
-        )
-    finally:
-        await conn.close()
-    return [row["id"] for row in rows]
-
-
-async def _run_once(env: dict[str, str], ids: list[int], jobs: int) -> tuple[float, float]:
-    amqp_url, database_url = env["SYNC_AMQP_URL"], env["SYNC_DATABASE_URL"]
-    device_id = f"bench-{uuid.uuid4().hex[:8]}"
-    conn = await asyncpg.connect(database_url)
-    connection = await connect(amqp_url, "bench")
-    await register_device(conn, await open_channel(connection), accounts(env), device_id, USER)
-    await conn.close()
-    folder = Path(tempfile.mkdtemp(prefix="bench-"))
-    settings = WorkerSettings(amqp_url=amqp_url, database_url=database_url, model=MODEL)
-    worker = await Worker.start(settings)
-    stop = asyncio.Event()
-    agent = await DeviceAgent.start(
-        AgentSettings(amqp_url=amqp_url, device_id=device_id, db_path=folder / "d.sqlite")
-    )
-    agent_task = asyncio.create_task(agent.run(stop))
-    store = await OfflineStore.open(folder / "d.sqlite")
-    session = Session(user_id=USER, device_id=device_id)
-    async with await SyncClient.connect(amqp_url, name="bench") as client:
-        started = time.perf_counter()
-        result = await client.synchronize_to_device(
-            session, lists=[ObjectList("WorkOrder", ids)], timeout=300
-        )
-        await store.wait_for_batches(result.batch_ids, timeout=300)
-        bulk = len(ids) / (time.perf_counter() - started)
-
-        started = time.perf_counter()
-        results = await asyncio.gather(
-            *(
-                client.synchronize_to_device(
-                    session, objects=[ObjectRef("WorkOrder", ids[n % len(ids)])], timeout=120
-                )
-                for n in range(jobs)
+async def _bulk_once(the_rig: Rig, jobs: int, per_job: int) -> float:
+    started = time.perf_counter()
+    results = await asyncio.gather(
+        *(
+            the_rig.client.synchronize_to_device(
+                the_rig.sessions[n % len(the_rig.sessions)],
+                lists=[ObjectList("WorkOrder", [r.id for r in the_rig.refs(n * per_job, per_job)])],
+                timeout=300,
             )
+            for n in range(jobs)
         )
-        await store.wait_for_batches([batch for r in results for batch in r.batch_ids], timeout=120)
-        small = jobs / (time.perf_counter() - started)
-    stop.set()
-    await agent_task
-    await store.close()
-    await worker.stop()
-    channel = await open_channel(connection)
-    await channel.queue_delete(f"device.{device_id}")
-    await connection.close()
-    return bulk, small
+    )
+    await the_rig.landed({r.job_id: len(r.batch_ids) for r in results}, timeout=300)
+    assert all(r.status == "done" and r.synced == per_job for r in results)
+    return jobs * per_job / (time.perf_counter() - started)
 
 
-async def main(objects: int, jobs: int, runs: int) -> None:
-    env = service_env()
-    ids = await _seed(env["SYNC_DATABASE_URL"], objects)
-    figures = [await _run_once(env, ids, jobs) for _ in range(runs)]
-    bulk = statistics.median(f[0] for f in figures)
-    small = statistics.median(f[1] for f in figures)
-    print(f"bulk list job, {objects} objects, 1 worker + 1 agent: {bulk:,.0f} objects/s")
-    print(f"single-object jobs, {jobs} in flight, same set-up:   {small:,.0f} jobs/s")
-    print(f"(median of {runs} runs; every figure includes broker, database and SQLite fsyncs)")
+async def _small_once(the_rig: Rig, jobs: int) -> float:
+    started = time.perf_counter()
+    job_ids = await asyncio.gather(
+        *(
+            the_rig.client.synchronize_to_device(
+                the_rig.sessions[n % len(the_rig.sessions)], objects=the_rig.refs(n, 1), wait=False
+            )
+            for n in range(jobs)
+        )
+    )
+    await the_rig.landed(dict.fromkeys(job_ids, 1), timeout=300)
+    return jobs / (time.perf_counter() - started)
+
+
+async def _latency_once(the_rig: Rig, rate: float, seconds: float) -> list[float]:
+    """Latencies (ms) of jobs offered at ``rate`` per second, from when each was due."""
+    count = int(rate * seconds)
+    start = time.perf_counter() + 0.05
+    due: dict[str, float] = {}
+    sends = []
+    for n in range(count):
+        delay = start + n / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        sends.append(asyncio.create_task(_send(the_rig, n, start + n / rate, due)))
+    await asyncio.gather(*sends)
+    await the_rig.landed(dict.fromkeys(due, 1), timeout=120)
+    return sorted((the_rig.last_applied[job_id] - at) * 1000 for job_id, at in due.items())
+
+
+async def _send(the_rig: Rig, n: int, at: float, due: dict[str, float]) -> None:
+    session = the_rig.sessions[n % len(the_rig.sessions)]
+    job_id = await the_rig.client.synchronize_to_device(
+        session, objects=the_rig.refs(n, 1), wait=False
+    )
+    due[job_id] = at
+
+
+def _percentile(values: list[float], fraction: float) -> float:
+    return values[min(len(values) - 1, int(fraction * len(values)))]
+
+
+async def pipeline(
+    env: dict[str, str],
+    *,
+    runs: int = 3,
+    workers: int = 1,
+    rate: float = 500.0,
+    seconds: float = 5.0,
+) -> list[Figure]:
+    """Bulk objects/s, small jobs/s and the latency percentiles at ``rate`` jobs/s."""
+    ids = await seed_work_orders(env["SYNC_DATABASE_URL"], 100_000)
+    bulk: list[float] = []
+    small: list[float] = []
+    percentiles: dict[str, list[float]] = {"p50": [], "p95": [], "p99": []}
+    async with rig(env, devices=DEVICES, workers=workers, ids=ids) as the_rig:
+        for run in range(1, runs + 1):
+            progress(f"pipeline run {run}/{runs}: bulk, 100 jobs x 1,000 objects")
+            bulk.append(await _bulk_once(the_rig, 100, 1_000))
+            progress(f"pipeline run {run}/{runs}: 2,000 single-object jobs in flight")
+            small.append(await _small_once(the_rig, 2_000))
+            progress(f"pipeline run {run}/{runs}: {rate:.0f} jobs/s offered for {seconds:.0f} s")
+            latencies = await _latency_once(the_rig, rate, seconds)
+            for name, fraction in (("p50", 0.50), ("p95", 0.95), ("p99", 0.99)):
+                percentiles[name].append(_percentile(latencies, fraction))
+    setup = f"{workers} worker process(es), {DEVICES} devices"
+    return [
+        Figure("bulk: 1,000-object jobs, publish to applied", "objects/s", tuple(bulk), note=setup),
+        Figure(
+            "small jobs: 2,000 in flight, publish to applied", "jobs/s", tuple(small), note=setup
+        ),
+        *(
+            Figure(
+                f"latency {name} at {rate:.0f} jobs/s, due to applied",
+                "ms",
+                tuple(values),
+                higher_is_better=False,
+                note=setup,
+            )
+            for name, values in percentiles.items()
+        ),
+    ]
+
+
+async def main(runs: int, workers: int) -> None:
+    figures = await pipeline(service_env(), runs=runs, workers=workers)
+    print(as_table(figures))
+    print(f"(median, min and max of {runs} runs)")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--objects", type=int, default=10_000)
-    parser.add_argument("--jobs", type=int, default=500)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
-    asyncio.run(main(args.objects, args.jobs, args.runs))
+    asyncio.run(main(args.runs, args.workers))

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -25,7 +24,8 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from bench.pipeline import service_env
+from bench.report import Figure, as_table
+from bench.rig import service_env
 from broker.models import ObjectRef, Session
 from worker.access import AccessPolicy
 from worker.model import DomainModel, parse_model
@@ -216,26 +216,11 @@ async def _run_all(
     return figures
 
 
-def _report(cases: list[Case], figures: dict[str, list[float]], rows: int, chunk_size: int) -> None:
-    raw, unconstrained = (statistics.median(figures[case.label]) for case in cases[:2])
-    print(f"\nresolve {rows:,} Item ids, chunks of {chunk_size:,}, objects/s (ids resolved per s)")
-    print(
-        f"{'case':<30} {'readable':>9} {'median':>9} {'min':>9} {'max':>9} {'/none':>6} {'/raw':>6}"
-    )
-    for case in cases:
-        values = figures[case.label]
-        median = statistics.median(values)
-        print(
-            f"{case.label:<30} {case.expected:>9,} {median:>9,.0f} {min(values):>9,.0f} "
-            f"{max(values):>9,.0f} {median / unconstrained:>6.2f} {median / raw:>6.2f}"
-        )
-    print(f"(median, min and max of {len(figures[cases[0].label])} runs after a warm-up)")
-
-
-async def main(rows: int, runs: int, chunk_size: int) -> None:
-    env = service_env()
+async def resolve(
+    env: dict[str, str], *, rows: int = 100_000, runs: int = 5, chunk_size: int = 5_000
+) -> list[Figure]:
+    """The suite's figures: resolve rate with and without constraints on ``rows`` rows."""
     model = parse_model(MODEL, source="bench.resolve")
-    # As the worker's pool does: JIT only slows these short fetches down.
     conn = await asyncpg.connect(env["SYNC_DATABASE_URL"], server_settings={"jit": "off"})
     try:
         _progress(f"seeding {PROJECTS:,} projects and {rows:,} items")
@@ -245,7 +230,25 @@ async def main(rows: int, runs: int, chunk_size: int) -> None:
     finally:
         await _drop_tables(conn)
         await conn.close()
-    _report(cases, figures, rows, chunk_size)
+    raw, *rules = cases
+    return [
+        Figure(
+            f"resolve, raw fetch of {rows:,} ids (no rules)",
+            "objects/s",
+            tuple(figures[raw.label]),
+            kind="info",
+        ),
+        *(
+            Figure(f"resolve: {case.label}", "objects/s", tuple(figures[case.label]))
+            for case in rules
+        ),
+    ]
+
+
+async def main(rows: int, runs: int, chunk_size: int) -> None:
+    figures = await resolve(service_env(), rows=rows, runs=runs, chunk_size=chunk_size)
+    print(as_table(figures))
+    print(f"(median, min and max of {runs} runs after a warm-up)")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import sqlite3
 import time
+from collections.abc import Callable
 from functools import partial
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
@@ -25,6 +26,8 @@ from device_agent.store import OfflineStore
 __all__ = ["DeviceAgent"]
 
 log = logging.getLogger(__name__)
+
+OnApplied = Callable[[ChangeBatch], None]
 
 
 class DeviceAgent:
@@ -42,14 +45,20 @@ class DeviceAgent:
         connection: AbstractRobustConnection,
         queue: AbstractQueue,
         store: OfflineStore,
+        on_applied: OnApplied | None = None,
     ) -> None:
         self._settings = settings
         self._connection = connection
         self._queue = queue
         self._store = store
+        self._on_applied = on_applied
 
     @classmethod
-    async def start(cls, settings: AgentSettings) -> DeviceAgent:
+    async def start(
+        cls, settings: AgentSettings, *, on_applied: OnApplied | None = None
+    ) -> DeviceAgent:
+        """Connect and open the store; ``on_applied`` is called with each batch once it is
+        committed (an app refreshes its screens there; benchmarks time it)."""
         store = await OfflineStore.open(settings.db_path)
         connection = await connect(settings.amqp_url, f"sync-agent:{settings.device_id}")
         channel = await open_channel(connection, prefetch=settings.prefetch)
@@ -57,7 +66,7 @@ class DeviceAgent:
         # only consume it.
         queue = await channel.declare_queue(device_queue_name(settings.device_id), passive=True)
         log.info("agent started device_id=%s db=%s", settings.device_id, settings.db_path)
-        return cls(settings, connection, queue, store)
+        return cls(settings, connection, queue, store, on_applied)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Apply batches in delivery order until ``stop`` is set, then close."""
@@ -91,6 +100,8 @@ class DeviceAgent:
         if not await ack(message):
             return
         self._report_resync(batch)
+        if applied and self._on_applied is not None:
+            self._on_applied(batch)
         log.info(
             "batch %s job_id=%s device_id=%s batch_id=%s changes=%d ms=%.1f",
             "applied" if applied else "duplicate-skipped",

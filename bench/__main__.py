@@ -1,0 +1,68 @@
+"""The benchmark suite of SPEC §11 in one command.
+
+    .venv/bin/python -m bench [--runs 3] [--json bench-results.json] [--only NAME ...]
+
+Starts the local services, then measures in one run:
+
+- the raw ceilings: AMQP confirmed publish and consume, PostgreSQL batch fetch, SQLite
+  upsert;
+- the worker's resolve rate, with and without XPath constraints, on 100,000 rows;
+- the device side: store apply rate, an agent process draining a backlog, its memory;
+- the pipeline: bulk objects/s, small jobs/s, latency percentiles at 500 jobs/s;
+- scale-out: 1, 2 and 4 worker processes on one job stream, with its checks;
+- the fleet: broker memory per idle device queue, with 10,000 device queues.
+
+Prints a table (with each pipeline figure's ratio to the slowest ceiling of its unit) and
+writes the same figures as JSON, for comparing runs. Progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from collections.abc import Awaitable, Callable
+from functools import partial
+from pathlib import Path
+
+from bench.agent import device_side
+from bench.ceilings import ceilings
+from bench.fleet import fleet
+from bench.pipeline import pipeline
+from bench.report import Figure, as_json, as_table, progress
+from bench.resolve import resolve
+from bench.rig import service_env
+from bench.scaleout import scaleout
+
+Suite = Callable[[dict[str, str], int], Awaitable[list[Figure]]]
+
+SUITES: dict[str, Suite] = {
+    "ceilings": lambda env, runs: ceilings(env, runs=runs),
+    "resolve": lambda env, runs: resolve(env, runs=runs),
+    "device": lambda env, runs: device_side(env, runs=runs),
+    "pipeline": lambda env, runs: pipeline(env, runs=runs),
+    "scaleout": lambda env, runs: scaleout(env),
+    "fleet": lambda env, runs: fleet(env),
+}
+
+
+async def main(runs: int, only: list[str], json_path: Path) -> None:
+    env = service_env()
+    figures: list[Figure] = []
+    for name in only:
+        progress(f"== {name}")
+        figures += await SUITES[name](env, runs)
+        # Written after each part, so a long run that fails late keeps what it measured.
+        await asyncio.to_thread(partial(json_path.write_text, as_json(figures) + "\n"))
+    print(as_table(figures))
+    print(f"\n(median, min and max of {runs} runs; JSON in {json_path})")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--runs", type=int, default=3, help="runs per figure (median reported)")
+    parser.add_argument("--json", type=Path, default=Path("bench-results.json"))
+    parser.add_argument("--only", nargs="+", choices=list(SUITES), default=list(SUITES))
+    args = parser.parse_args()
+    asyncio.run(main(args.runs, args.only, args.json))

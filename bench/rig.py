@@ -1,0 +1,209 @@
+"""What every end-to-end benchmark needs: the services, a seeded database, registered
+devices with in-process agents that time each applied batch, and worker processes.
+
+Workers run as separate processes, as in production; the agents and the client share
+the benchmark's process, standing in for many devices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import asyncpg
+
+from bench.report import progress
+from broker import ChangeBatch, ObjectRef, Session, SyncClient
+from broker.connection import connect, open_channel
+from broker.topology import JOBS_QUEUE
+from device_agent import AgentSettings, DeviceAgent, OfflineStore
+from syncctl.accounts import BrokerAccounts
+from syncctl.devices import register_device, unregister_device
+from worker import load_model
+from worker.schema import init_database
+from worker.settings import ServerSettings
+
+__all__ = [
+    "MODEL",
+    "ROOT",
+    "USER",
+    "Rig",
+    "accounts",
+    "rig",
+    "seed_work_orders",
+    "service_env",
+    "spawn_workers",
+    "stop_workers",
+]
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = ROOT / "examples" / "field_service.yaml"
+USER = 900
+
+
+def service_env() -> dict[str, str]:
+    """Start the local services (idempotent) and return their ``SYNC_*`` variables."""
+    script = ROOT / "scripts" / "services.sh"
+    subprocess.run(["bash", str(script), "start"], check=True, capture_output=True)
+    lines = subprocess.run(
+        ["bash", str(script), "env"], check=True, capture_output=True, text=True
+    ).stdout.splitlines()
+    return dict(line.removeprefix("export ").split("=", 1) for line in lines)
+
+
+def accounts(env: dict[str, str]) -> BrokerAccounts:
+    """Device accounts on the local broker, managed with the services' operator account."""
+    return BrokerAccounts(ServerSettings().management_url, env["SYNC_AMQP_URL"])
+
+
+async def seed_work_orders(database_url: str, count: int) -> list[int]:
+    """``count`` fresh work orders readable by ``USER`` (a Dispatcher); returns their ids."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        await init_database(conn, await load_model(MODEL), create_tables=True)
+        # The bench owns the local services' work orders while it runs (the demo reseeds).
+        await conn.execute("TRUNCATE work_order RESTART IDENTITY")
+        await conn.execute("DELETE FROM sync.user_role WHERE user_id = $1", USER)
+        await conn.execute("INSERT INTO sync.user_role VALUES ($1, 'Dispatcher')", USER)
+        rows = await conn.fetch(
+            "INSERT INTO work_order (title, status, amount) "
+            "SELECT 'order ' || g, 'Open', g FROM generate_series(1, $1) g RETURNING id",
+            count,
+        )
+    finally:
+        await conn.close()
+    return [row["id"] for row in rows]
+
+
+async def spawn_workers(
+    env: dict[str, str], count: int, **settings: str
+) -> list[asyncio.subprocess.Process]:
+    """Start ``count`` worker processes (``python -m worker``) on the field-service model."""
+    environment = {**os.environ, **env, "SYNC_MODEL": str(MODEL)}
+    environment.update({f"SYNC_{name.upper()}": value for name, value in settings.items()})
+    return [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "worker",
+            "--name",
+            f"bench-worker-{index}",
+            env=environment,
+            cwd=ROOT,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        for index in range(count)
+    ]
+
+
+async def stop_workers(workers: list[asyncio.subprocess.Process]) -> None:
+    for process in workers:
+        if process.returncode is None:
+            process.terminate()
+    for process in workers:
+        await process.wait()
+
+
+@dataclass
+class Rig:
+    """Devices of ``USER`` with running agents, a client, and when each job landed."""
+
+    client: SyncClient
+    sessions: list[Session]
+    stores: list[OfflineStore]
+    ids: list[int]
+    applied: Counter[str] = field(default_factory=Counter)
+    # job id -> perf_counter() when its latest batch was committed on its device
+    last_applied: dict[str, float] = field(default_factory=dict)
+    _waiters: dict[str, tuple[int, asyncio.Future[None]]] = field(default_factory=dict)
+
+    def on_applied(self, batch: ChangeBatch) -> None:
+        """The agents' hook: called once per batch, after its SQLite commit."""
+        self.applied[batch.job_id] += 1
+        self.last_applied[batch.job_id] = time.perf_counter()
+        waiting = self._waiters.get(batch.job_id)
+        if waiting is not None and self.applied[batch.job_id] >= waiting[0]:
+            del self._waiters[batch.job_id]
+            if not waiting[1].done():
+                waiting[1].set_result(None)
+
+    async def landed(self, batches_by_job: dict[str, int], timeout: float) -> None:
+        """Wait until every job has had its number of batches applied."""
+        loop = asyncio.get_running_loop()
+        pending = []
+        for job_id, batches in batches_by_job.items():
+            if self.applied[job_id] < batches:
+                future: asyncio.Future[None] = loop.create_future()
+                self._waiters[job_id] = (batches, future)
+                pending.append(future)
+        async with asyncio.timeout(timeout):
+            await asyncio.gather(*pending)
+
+    def refs(self, start: int, count: int) -> list[ObjectRef]:
+        return [ObjectRef("WorkOrder", self.ids[(start + n) % len(self.ids)]) for n in range(count)]
+
+
+@asynccontextmanager
+async def rig(
+    env: dict[str, str], *, devices: int, workers: int, ids: list[int]
+) -> AsyncIterator[Rig]:
+    """Register ``devices`` devices with agents, start ``workers`` worker processes, and
+    clean all of it up afterwards."""
+    amqp_url, database_url = env["SYNC_AMQP_URL"], env["SYNC_DATABASE_URL"]
+    folder = Path(tempfile.mkdtemp(prefix="bench-"))
+    device_ids = [f"bench-{uuid.uuid4().hex[:8]}" for _ in range(devices)]
+    conn = await asyncpg.connect(database_url)
+    connection = await connect(amqp_url, "bench-rig")
+    channel = await open_channel(connection)
+    await (await channel.get_queue(JOBS_QUEUE.name)).purge()
+    stop = asyncio.Event()
+    tasks: list[asyncio.Task[None]] = []
+    processes: list[asyncio.subprocess.Process] = []
+    stores: list[OfflineStore] = []
+    client: SyncClient | None = None
+    try:
+        for device_id in device_ids:
+            await register_device(conn, channel, accounts(env), device_id, USER)
+        client = await SyncClient.connect(amqp_url, name="bench-client")
+        the_rig = Rig(client, [Session(user_id=USER, device_id=d) for d in device_ids], [], ids)
+        for device_id in device_ids:
+            path = folder / f"{device_id}.sqlite"
+            agent = await DeviceAgent.start(
+                AgentSettings(amqp_url=amqp_url, device_id=device_id, db_path=path),
+                on_applied=the_rig.on_applied,
+            )
+            tasks.append(asyncio.create_task(agent.run(stop)))
+            stores.append(await OfflineStore.open(path))
+        the_rig.stores = stores
+        processes = await spawn_workers(env, workers)
+        progress(f"rig: {devices} devices, {workers} worker process(es); warming up")
+        warm_up = await client.synchronize_to_device(
+            the_rig.sessions[0], objects=the_rig.refs(0, 1), timeout=60
+        )
+        await stores[0].wait_for_batches(warm_up.batch_ids, timeout=60)
+        yield the_rig
+    finally:
+        await stop_workers(processes)
+        if client is not None:
+            await client.close()
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for store in stores:
+            await store.close()
+        for device_id in device_ids:
+            await unregister_device(conn, channel, accounts(env), device_id)
+        await connection.close()
+        await conn.close()
+        shutil.rmtree(folder, ignore_errors=True)
