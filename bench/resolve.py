@@ -26,7 +26,7 @@ import asyncpg
 
 from bench.report import Figure, as_table
 from bench.rig import service_env
-from broker.models import ObjectRef, Session
+from broker.models import ObjectKey, Session
 from worker.access import AccessPolicy
 from worker.model import DomainModel, parse_model
 from worker.resolver import fetch_rows
@@ -141,7 +141,7 @@ async def _seed(conn: asyncpg.Connection, model: DomainModel, rows: int) -> None
 
 
 def _resolve_pass(
-    policy: AccessPolicy, refs: list[ObjectRef], role: str, user_id: int, chunk_size: int
+    policy: AccessPolicy, refs: list[ObjectKey], role: str, user_id: int, chunk_size: int
 ) -> Pass:
     session = Session(user_id=user_id, device_id="bench-resolve")
 
@@ -171,7 +171,7 @@ async def _cases(
 ) -> list[Case]:
     policy = AccessPolicy(model)
     ids = list(range(1, rows + 1))
-    refs = [ObjectRef("Item", i) for i in ids]
+    refs = [("Item", i) for i in ids]
     chunks = [ids[start : start + chunk_size] for start in range(0, rows, chunk_size)]
     managed = await conn.fetchval(
         "SELECT count(*) FROM bench_item i JOIN bench_project p ON p.id = i.project_id "

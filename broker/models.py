@@ -17,6 +17,7 @@ __all__ = [
     "MAX_OBJECTS_PER_JOB",
     "Change",
     "ChangeBatch",
+    "ObjectKey",
     "ObjectList",
     "ObjectOutcome",
     "ObjectRef",
@@ -53,6 +54,10 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+# An object as (entity, id): how the worker keys the objects of a job internally.
+ObjectKey = tuple[str, int]
+
+
 class ObjectRef(_Frozen):
     """One object, by entity and id: ``ObjectRef("WorkOrder", 1)``."""
 
@@ -73,9 +78,6 @@ class ObjectList(_Frozen):
     def __init__(self, entity: str, ids: list[int] | tuple[int, ...]) -> None:
         super().__init__(**{"entity": entity, "ids": tuple(ids)})
 
-    def refs(self) -> list[ObjectRef]:
-        return [ObjectRef(self.entity, object_id) for object_id in self.ids]
-
 
 class Session(_Frozen):
     """Who asks: the session's user and the device the call came from."""
@@ -89,6 +91,10 @@ class UncommittedChange(_Frozen):
 
     ref: ObjectRef
     changes: dict[MemberName, Any]
+
+    @property
+    def key(self) -> ObjectKey:
+        return (self.ref.entity, self.ref.id)
 
 
 class SyncJob(_Frozen):
@@ -114,12 +120,16 @@ class SyncJob(_Frozen):
             )
         return self
 
-    def targets(self) -> list[ObjectRef]:
-        """The named objects, each once, in the order first named."""
-        refs = list(self.objects)
+    def targets(self) -> list[ObjectKey]:
+        """The named objects as ``(entity, id)``, each once, in the order first named.
+
+        Plain tuples, not ``ObjectRef``s: a bulk job names up to 100,000 objects, and the
+        entity and ids were validated with the job already.
+        """
+        keys = [(ref.entity, ref.id) for ref in self.objects]
         for object_list in self.lists:
-            refs.extend(object_list.refs())
-        return list(dict.fromkeys(refs))
+            keys.extend((object_list.entity, object_id) for object_id in object_list.ids)
+        return list(dict.fromkeys(keys))
 
 
 class UpsertChange(_Frozen):

@@ -15,7 +15,7 @@ from broker import (
     UncommittedChange,
     UpsertChange,
 )
-from worker.eligibility import Row, check_job_names, decide
+from worker.eligibility import Decision, Row, check_job_names, decide
 from worker.errors import JobRejected
 from worker.model import parse_model
 
@@ -41,20 +41,24 @@ def _row(
     return Row(object_id, 10, autocommitted, {"title": "t", "secret": "s"}, readable)
 
 
+def _decide(job: SyncJob, rows) -> Decision:
+    return decide(job, job.targets(), rows)
+
+
 def _reasons(decision) -> list[tuple[str, str | None]]:
     return [(o.outcome, o.reason) for o in decision.outcomes]
 
 
 def test_deleted_wins_over_new_and_is_removed_with_the_version_seen():
     ref = ObjectRef("Task", 1)
-    decision = decide(_job(ref, deleted=(ref,), new=(ref,)), {"Task": {1: _row(1)}})
+    decision = _decide(_job(ref, deleted=(ref,), new=(ref,)), {"Task": {1: _row(1)}})
     assert _reasons(decision) == [("removed", "deleted")]
     assert decision.changes == [RemoveChange(entity="Task", id=1, reason="deleted", version=10)]
 
 
 def test_new_is_checked_before_gone():
     ref = ObjectRef("Task", 1)
-    decision = decide(_job(ref, new=(ref,)), {"Task": {}})
+    decision = _decide(_job(ref, new=(ref,)), {"Task": {}})
     assert _reasons(decision) == [("skipped", "new")]
     assert decision.changes == []
 
@@ -65,7 +69,7 @@ def test_gone_then_autocommitted_then_no_access_then_synced():
         "Task": {2: _row(2, autocommitted=True, readable=None), 4: _row(4)},
         "Note": {3: _row(3, readable=None)},
     }
-    decision = decide(_job(*refs), rows)
+    decision = _decide(_job(*refs), rows)
     assert _reasons(decision) == [
         ("removed", "gone"),
         ("skipped", "autocommitted"),
@@ -79,7 +83,7 @@ def test_synced_data_and_overlay_carry_readable_members_only():
     job = _job(
         ref, uncommitted=(UncommittedChange(ref=ref, changes={"status": "Done", "secret": "x"}),)
     )
-    decision = decide(job, {"Task": {4: _row(4)}})
+    decision = _decide(job, {"Task": {4: _row(4)}})
     assert decision.changes == [
         UpsertChange(entity="Task", id=4, version=10, data={"title": "t"}),
         OverlayChange(entity="Task", id=4, changes={"status": "Done"}),
@@ -97,5 +101,6 @@ def test_synced_data_and_overlay_carry_readable_members_only():
 )
 def test_job_naming_an_unsyncable_entity_is_rejected(entity, reason):
     with pytest.raises(JobRejected) as rejected:
-        check_job_names(_job(ObjectRef("Task", 1), ObjectRef(entity, 1)), MODEL)
+        job = _job(ObjectRef("Task", 1), ObjectRef(entity, 1))
+        check_job_names(job, MODEL, job.targets())
     assert rejected.value.reason == f"{reason}: {entity}"

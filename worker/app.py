@@ -32,6 +32,12 @@ log = logging.getLogger(__name__)
 Callback = Callable[[AbstractIncomingMessage], Awaitable[None]]
 
 
+async def _keep_connection_as_is(conn: asyncpg.Connection) -> None:
+    """A job leaves no session state behind (its lock and reads live in its transaction,
+    which ``async with`` ends), so the pool's default reset would be a wasted round trip
+    per job: about a tenth of a small job's time in the profile."""
+
+
 class Worker:
     """Consumes ``sync.jobs`` (and ``sync.changes.dead``) until ``stop()``; then finishes
     the messages in hand.
@@ -66,6 +72,7 @@ class Worker:
             max_size=settings.prefetch + 2,
             # The fetches are short; JIT compiling them costs more than it saves.
             server_settings={"jit": "off"},
+            reset=_keep_connection_as_is,
         )
         connection = await connect(settings.amqp_url, settings.name)
         channel = await open_channel(connection, prefetch=settings.prefetch)

@@ -6,14 +6,14 @@ handler; this module decides what each named object gets.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from broker.models import (
     Change,
+    ObjectKey,
     ObjectOutcome,
-    ObjectRef,
     OverlayChange,
     RemoveChange,
     RemoveReason,
@@ -50,9 +50,12 @@ class Decision:
         return sum(1 for item in self.outcomes if item.outcome == outcome)
 
 
-def check_job_names(job: SyncJob, model: DomainModel) -> None:
-    """Reject the whole job when it names an entity or member that cannot be synchronized."""
-    for entity_name in dict.fromkeys(ref.entity for ref in job.targets()):
+def check_job_names(job: SyncJob, model: DomainModel, targets: Sequence[ObjectKey]) -> None:
+    """Reject the whole job when it names an entity or member that cannot be synchronized.
+
+    ``targets`` are the job's ``targets()``, computed once by the caller.
+    """
+    for entity_name in dict.fromkeys(entity for entity, _ in targets):
         reason = model.why_not_syncable(entity_name)
         if reason is not None:
             raise JobRejected(reason)
@@ -65,63 +68,61 @@ def check_job_names(job: SyncJob, model: DomainModel) -> None:
             raise JobRejected(f"unknown-member: {change.ref.entity}.{unknown[0]}")
 
 
-def decide(job: SyncJob, rows: Mapping[str, Mapping[int, Row]]) -> Decision:
+def decide(
+    job: SyncJob, targets: Sequence[ObjectKey], rows: Mapping[str, Mapping[int, Row]]
+) -> Decision:
     """What each named object gets, in the order of SPEC §4, each object once.
 
     ``rows`` holds, per entity, the rows found for the named ids; a missing id is gone.
     """
-    deleted = set(job.deleted)
-    new = set(job.new)
-    overlays = {change.ref: change.changes for change in job.uncommitted}
+    deleted = {(ref.entity, ref.id) for ref in job.deleted}
+    new = {(ref.entity, ref.id) for ref in job.new}
+    overlays = {change.key: change.changes for change in job.uncommitted}
     decision = Decision()
-    for ref in job.targets():
-        row = rows.get(ref.entity, {}).get(ref.id)
-        if ref in deleted:
-            _remove(decision, ref, "deleted", row)
-        elif ref in new:
+    for key in targets:
+        row = rows.get(key[0], {}).get(key[1])
+        if key in deleted:
+            _remove(decision, key, "deleted", row)
+        elif key in new:
             # A new object was never committed, so it is not in the database either:
             # this check must come before "gone".
-            _skip(decision, ref, "new")
+            _skip(decision, key, "new")
         elif row is None:
-            _remove(decision, ref, "gone", None)
+            _remove(decision, key, "gone", None)
         elif row.autocommitted:
-            _skip(decision, ref, "autocommitted")
+            _skip(decision, key, "autocommitted")
         elif row.readable is None:
-            _remove(decision, ref, "no-access", row)
+            _remove(decision, key, "no-access", row)
         else:
-            _sync(decision, ref, row, row.readable, overlays.get(ref))
+            _sync(decision, key, row, row.readable, overlays.get(key))
     return decision
 
 
-def _remove(decision: Decision, ref: ObjectRef, reason: RemoveReason, row: Row | None) -> None:
+def _remove(decision: Decision, key: ObjectKey, reason: RemoveReason, row: Row | None) -> None:
     decision.outcomes.append(
-        ObjectOutcome(entity=ref.entity, id=ref.id, outcome="removed", reason=reason)
+        ObjectOutcome(entity=key[0], id=key[1], outcome="removed", reason=reason)
     )
     decision.changes.append(
-        RemoveChange(
-            entity=ref.entity, id=ref.id, reason=reason, version=row.version if row else None
-        )
+        RemoveChange(entity=key[0], id=key[1], reason=reason, version=row.version if row else None)
     )
 
 
-def _skip(decision: Decision, ref: ObjectRef, reason: str) -> None:
+def _skip(decision: Decision, key: ObjectKey, reason: str) -> None:
     decision.outcomes.append(
-        ObjectOutcome(entity=ref.entity, id=ref.id, outcome="skipped", reason=reason)
+        ObjectOutcome(entity=key[0], id=key[1], outcome="skipped", reason=reason)
     )
 
 
 def _sync(
     decision: Decision,
-    ref: ObjectRef,
+    key: ObjectKey,
     row: Row,
     readable: frozenset[str],
     overlay: Mapping[str, Any] | None,
 ) -> None:
-    decision.outcomes.append(ObjectOutcome(entity=ref.entity, id=ref.id, outcome="synced"))
+    decision.outcomes.append(ObjectOutcome(entity=key[0], id=key[1], outcome="synced"))
     data = {member: value for member, value in row.values.items() if member in readable}
-    decision.changes.append(
-        UpsertChange(entity=ref.entity, id=ref.id, version=row.version, data=data)
-    )
+    decision.changes.append(UpsertChange(entity=key[0], id=key[1], version=row.version, data=data))
     visible = {member: value for member, value in (overlay or {}).items() if member in readable}
     if visible:
-        decision.changes.append(OverlayChange(entity=ref.entity, id=ref.id, changes=visible))
+        decision.changes.append(OverlayChange(entity=key[0], id=key[1], changes=visible))

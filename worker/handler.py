@@ -13,12 +13,24 @@ from worker.eligibility import check_job_names, decide
 from worker.errors import JobRejected
 from worker.model import DomainModel
 from worker.publisher import BatchPublisher
-from worker.resolver import fetch_roles, fetch_rows
+from worker.resolver import fetch_rows
 
 __all__ = ["DEVICE_LOCK_CLASS", "JobHandler", "ignored"]
 
 # Namespaces the per-device advisory locks among any other advisory locks of the database.
 DEVICE_LOCK_CLASS = 0x5D0C
+
+# One round trip: the device lock, then the device and its user's roles (always from
+# PostgreSQL, never from the job). The lock is held from here until the batches are
+# confirmed, so two workers cannot interleave one device's jobs: the later reader always
+# publishes later. The objects themselves are read by later statements, whose snapshots
+# are taken after the lock was granted (READ COMMITTED).
+_LOCK_AND_READ_DEVICE = """
+SELECT d.user_id, d.offline, d.resync_reason, d.resync_since,
+       ARRAY(SELECT r.role FROM sync.user_role r WHERE r.user_id = d.user_id) AS roles
+FROM (SELECT pg_advisory_xact_lock($1, hashtext($2))) AS locked
+LEFT JOIN sync.device d ON d.device_id = $2
+"""
 
 
 def ignored(job: SyncJob, reason: str) -> SyncResult:
@@ -59,34 +71,25 @@ class JobHandler:
         if job.origin != "nanoflow":
             return ignored(job, "not-called-from-nanoflow")
         async with self._pool.acquire() as conn, conn.transaction(readonly=True):
-            # Held from the read until the batches are confirmed, so two workers cannot
-            # interleave one device's jobs: the later reader always publishes later.
-            await conn.execute(
-                "SELECT pg_advisory_xact_lock($1, hashtext($2))", DEVICE_LOCK_CLASS, device_id
-            )
-            device = await conn.fetchrow(
-                "SELECT user_id, offline, resync_reason, resync_since "
-                "FROM sync.device WHERE device_id = $1",
-                device_id,
-            )
-            if device is None:
+            device = await conn.fetchrow(_LOCK_AND_READ_DEVICE, DEVICE_LOCK_CLASS, device_id)
+            if device["user_id"] is None:
                 raise JobRejected("unknown-device")
             if claimed_user is not None and device["user_id"] != claimed_user:
                 raise JobRejected("device-not-owned")
             session = Session(user_id=device["user_id"], device_id=device_id)
             if not device["offline"]:
                 return ignored(job, "online-app")
-            check_job_names(job, self._model)
-            roles = await fetch_roles(conn, session.user_id)
+            targets = job.targets()
+            check_job_names(job, self._model, targets)
             rows = await fetch_rows(
                 conn,
                 self._policy,
-                job.targets(),
+                targets,
                 session=session,
-                roles=roles,
+                roles=frozenset(device["roles"]),
                 chunk_size=self._chunk_size,
             )
-            decision = decide(job, rows)
+            decision = decide(job, targets, rows)
             resync = _resync_change(device)
             changes = [resync, *decision.changes] if resync else decision.changes
             batch_ids = await self._publisher.publish(job.job_id, session.device_id, changes)

@@ -11,32 +11,26 @@ from collections.abc import Iterable
 
 import asyncpg
 
-from broker.models import ObjectRef, Session
+from broker.models import ObjectKey, Session
 from worker.access import AccessPolicy
 from worker.eligibility import Row
 
-__all__ = ["fetch_roles", "fetch_rows"]
-
-
-async def fetch_roles(conn: asyncpg.Connection, user_id: int) -> frozenset[str]:
-    """The user's roles, always from PostgreSQL, never from the job."""
-    records = await conn.fetch("SELECT role FROM sync.user_role WHERE user_id = $1", user_id)
-    return frozenset(record["role"] for record in records)
+__all__ = ["fetch_rows"]
 
 
 async def fetch_rows(
     conn: asyncpg.Connection,
     policy: AccessPolicy,
-    refs: Iterable[ObjectRef],
+    targets: Iterable[ObjectKey],
     *,
     session: Session,
     roles: frozenset[str],
     chunk_size: int,
 ) -> dict[str, dict[int, Row]]:
-    """The latest committed rows of ``refs``, by entity and id; absent ids are gone."""
+    """The latest committed rows of ``targets``, by entity and id; absent ids are gone."""
     ids_by_entity: dict[str, list[int]] = defaultdict(list)
-    for ref in refs:
-        ids_by_entity[ref.entity].append(ref.id)
+    for entity, object_id in targets:
+        ids_by_entity[entity].append(object_id)
     rows: dict[str, dict[int, Row]] = {}
     for entity_name, ids in ids_by_entity.items():
         query = policy.query(entity_name, roles)
