@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 SERVICES := scripts/services.sh
 
-.PHONY: demo test lint services stop-services clean
+.PHONY: demo test lint bench services stop-services clean
 
 $(BIN)/syncctl: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ demo: $(BIN)/syncctl services
 
 test: $(BIN)/syncctl services
 	eval "$$(bash $(SERVICES) env)" && $(BIN)/pytest -q
+
+# The benchmark suite of SPEC §11 (about 6 minutes): a table on stdout, JSON in
+# bench-results.json. See docs/performance.md.
+bench: $(BIN)/syncctl services
+	$(BIN)/python -m bench --runs 3 --json bench-results.json
 
 lint: $(BIN)/syncctl
 	$(BIN)/ruff check .

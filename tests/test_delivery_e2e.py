@@ -15,6 +15,7 @@ import pytest
 from broker import ChangeBatch, ObjectList, ObjectRef, SyncClient, SyncJob, UpsertChange
 from broker.publishing import json_message
 from broker.topology import CHANGES_EXCHANGE
+from device_agent import AgentSettings, DeviceAgent
 from tests.conftest import ROOT, MakeDevice, Services, insert, wait_for
 
 pytestmark = pytest.mark.usefixtures("worker")
@@ -202,3 +203,34 @@ async def _rabbitmqctl(*args: str) -> bytes:
     output, _ = await process.communicate()
     assert process.returncode == 0, args
     return output
+
+
+async def test_the_agent_tells_the_app_about_each_batch_once_it_is_committed(
+    client: SyncClient, make_device: MakeDevice, pg
+):
+    device = await make_device(7, ["Admin"], run_agent=False)
+    ids = [await insert(pg, "t_task", title=f"t{i}") for i in range(120)]
+    seen: list[str] = []
+
+    def on_applied(batch: ChangeBatch) -> None:
+        seen.append(batch.batch_id)
+
+    agent = await DeviceAgent.start(
+        AgentSettings(amqp_url=device.amqp_url, device_id=device.device_id, db_path=device.db_path),
+        on_applied=on_applied,
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(agent.run(stop))
+    try:
+        result = await client.synchronize_to_device(device.session, lists=[ObjectList("Task", ids)])
+        await device.settled(result)
+        await wait_for(lambda: _seen_all(seen, result.batch_ids))
+    finally:
+        stop.set()
+        await task
+    # Each batch once, after its commit (so only after the device holds its objects).
+    assert sorted(seen) == sorted(result.batch_ids)
+
+
+async def _seen_all(seen: list[str], batch_ids) -> bool:
+    return len(seen) >= len(batch_ids)
