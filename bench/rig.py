@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,10 +42,9 @@ __all__ = [
     "Rig",
     "accounts",
     "rig",
+    "running_workers",
     "seed_work_orders",
     "service_env",
-    "spawn_workers",
-    "stop_workers",
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,34 +86,60 @@ async def seed_work_orders(database_url: str, count: int) -> list[int]:
     return [row["id"] for row in rows]
 
 
-async def spawn_workers(
-    env: dict[str, str], count: int, **settings: str
-) -> list[asyncio.subprocess.Process]:
-    """Start ``count`` worker processes (``python -m worker``) on the field-service model."""
-    environment = {**os.environ, **env, "SYNC_MODEL": str(MODEL)}
-    environment.update({f"SYNC_{name.upper()}": value for name, value in settings.items()})
-    return [
-        await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "worker",
-            "--name",
-            f"bench-worker-{index}",
-            env=environment,
-            cwd=ROOT,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-        for index in range(count)
-    ]
+async def _wait_started(process: asyncio.subprocess.Process, log: Path) -> None:
+    async with asyncio.timeout(60):
+        while "worker started" not in await asyncio.to_thread(log.read_text, errors="replace"):
+            if process.returncode is not None:
+                text = await asyncio.to_thread(log.read_text, errors="replace")
+                tail = text.splitlines()[-20:]
+                raise RuntimeError(f"worker exited {process.returncode}:\n" + "\n".join(tail))
+            await asyncio.sleep(0.05)
 
 
-async def stop_workers(workers: list[asyncio.subprocess.Process]) -> None:
-    for process in workers:
+async def _terminate(processes: Sequence[asyncio.subprocess.Process]) -> None:
+    for process in processes:
         if process.returncode is None:
-            process.terminate()
-    for process in workers:
-        await process.wait()
+            process.send_signal(signal.SIGTERM)
+    for process in processes:
+        try:
+            async with asyncio.timeout(60):
+                await process.wait()
+        except TimeoutError:
+            progress(f"worker {process.pid} ignored SIGTERM for 60 s; killing it")
+            process.kill()
+            await process.wait()
+
+
+@asynccontextmanager
+async def running_workers(
+    env: dict[str, str], count: int, folder: Path, tag: str, **settings: str
+) -> AsyncIterator[list[asyncio.subprocess.Process]]:
+    """``count`` worker processes (``python -m worker``) on the field-service model, yielded
+    once each has started; SIGTERM and wait after. ``settings`` are ``WorkerSettings``
+    fields (``batch_size="5"``); each worker logs to ``folder``."""
+    worker_env = {**os.environ, **env, "SYNC_MODEL": str(MODEL)}
+    worker_env.update({f"SYNC_{name.upper()}": value for name, value in settings.items()})
+    processes: list[asyncio.subprocess.Process] = []
+    try:
+        for n in range(count):
+            log = folder / f"worker-{tag}-{n}.log"
+            with log.open("wb") as stderr:
+                process = await asyncio.create_subprocess_exec(
+                    *(sys.executable, "-m", "worker", "--name", f"bench-{tag}-{n}"),
+                    env=worker_env,
+                    cwd=ROOT,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.DEVNULL,
+                    stderr=stderr,
+                )
+            processes.append(process)
+            await _wait_started(process, log)
+        yield processes
+    finally:
+        await _terminate(processes)
+        failed = [p.returncode for p in processes if p.returncode not in (0, None)]
+        if failed:
+            progress(f"warning: workers exited with {failed}; logs in {folder}")
 
 
 @dataclass
@@ -170,7 +196,6 @@ async def rig(
     await (await channel.get_queue(JOBS_QUEUE.name)).purge()
     stop = asyncio.Event()
     tasks: list[asyncio.Task[None]] = []
-    processes: list[asyncio.subprocess.Process] = []
     stores: list[OfflineStore] = []
     client: SyncClient | None = None
     try:
@@ -187,15 +212,14 @@ async def rig(
             tasks.append(asyncio.create_task(agent.run(stop)))
             stores.append(await OfflineStore.open(path))
         the_rig.stores = stores
-        processes = await spawn_workers(env, workers)
-        progress(f"rig: {devices} devices, {workers} worker process(es); warming up")
-        warm_up = await client.synchronize_to_device(
-            the_rig.sessions[0], objects=the_rig.refs(0, 1), timeout=60
-        )
-        await stores[0].wait_for_batches(warm_up.batch_ids, timeout=60)
-        yield the_rig
+        async with running_workers(env, workers, folder, "pipeline"):
+            progress(f"rig: {devices} devices, {workers} worker process(es); warming up")
+            warm_up = await client.synchronize_to_device(
+                the_rig.sessions[0], objects=the_rig.refs(0, 1), timeout=60
+            )
+            await stores[0].wait_for_batches(warm_up.batch_ids, timeout=60)
+            yield the_rig
     finally:
-        await stop_workers(processes)
         if client is not None:
             await client.close()
         stop.set()

@@ -44,10 +44,8 @@ import asyncio
 import os
 import random
 import shutil
-import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -60,7 +58,7 @@ import aiosqlite
 import asyncpg
 
 from bench.report import Figure, as_table, progress
-from bench.rig import MODEL, USER, accounts, seed_work_orders, service_env
+from bench.rig import USER, accounts, running_workers, seed_work_orders, service_env
 from broker import ObjectRef, Session, SyncClient
 from broker.connection import connect, open_channel
 from broker.models import SyncResult
@@ -139,65 +137,6 @@ async def _purge_jobs(amqp_url: str) -> None:
         await queue.purge()
     finally:
         await connection.close()
-
-
-async def _wait_started(process: asyncio.subprocess.Process, log: Path) -> None:
-    async with asyncio.timeout(60):
-        while "worker started" not in await asyncio.to_thread(log.read_text, errors="replace"):
-            if process.returncode is not None:
-                text = await asyncio.to_thread(log.read_text, errors="replace")
-                tail = text.splitlines()[-20:]
-                raise RuntimeError(f"worker exited {process.returncode}:\n" + "\n".join(tail))
-            await asyncio.sleep(0.05)
-
-
-async def _terminate(processes: Sequence[asyncio.subprocess.Process]) -> None:
-    for process in processes:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-    for process in processes:
-        try:
-            async with asyncio.timeout(60):
-                await process.wait()
-        except TimeoutError:
-            progress(f"worker {process.pid} ignored SIGTERM for 60 s; killing it")
-            process.kill()
-            await process.wait()
-
-
-@asynccontextmanager
-async def _workers(
-    env: dict[str, str], count: int, folder: Path, tag: str
-) -> AsyncIterator[list[asyncio.subprocess.Process]]:
-    """``count`` worker processes, yielded once each consumes; SIGTERM and wait after."""
-    worker_env = {
-        **os.environ,
-        **env,
-        "SYNC_MODEL": str(MODEL),
-        "SYNC_PREFETCH": str(PREFETCH),
-        "SYNC_BATCH_SIZE": str(BATCH_SIZE),
-    }
-    processes: list[asyncio.subprocess.Process] = []
-    try:
-        for n in range(count):
-            log = folder / f"worker-{tag}-{n}.log"
-            with log.open("wb") as stderr:
-                process = await asyncio.create_subprocess_exec(
-                    *(sys.executable, "-m", "worker", "--name", f"bench-scaleout-{n}"),
-                    env=worker_env,
-                    cwd=ROOT,
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=asyncio.subprocess.DEVNULL,
-                    stderr=stderr,
-                )
-            processes.append(process)
-            await _wait_started(process, log)
-        yield processes
-    finally:
-        await _terminate(processes)
-        failed = [p.returncode for p in processes if p.returncode not in (0, None)]
-        if failed:
-            progress(f"warning: workers exited with {failed}; logs in {folder}")
 
 
 # The devices.
@@ -540,7 +479,9 @@ async def _pass(
     conn = await asyncpg.connect(env["SYNC_DATABASE_URL"])
     try:
         async with (
-            _workers(env, workers, folder, tag) as processes,
+            running_workers(
+                env, workers, folder, tag, prefetch=str(PREFETCH), batch_size=str(BATCH_SIZE)
+            ) as processes,
             await SyncClient.connect(env["SYNC_AMQP_URL"], name="bench-scaleout") as client,
         ):
             consumers = await _jobs_consumers()
