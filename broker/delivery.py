@@ -11,7 +11,7 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from broker.errors import CHANNEL_GONE
 
-__all__ = ["ack", "nack", "retry_while_held"]
+__all__ = ["ack", "delivery_count", "nack", "retry_while_held"]
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +19,12 @@ T = TypeVar("T")
 
 FIRST_BACKOFF = 0.2
 MAX_BACKOFF = 5.0
+
+
+def delivery_count(message: AbstractIncomingMessage) -> int:
+    """Earlier failed deliveries of ``message``, as counted by its quorum queue."""
+    count = (message.headers or {}).get("x-delivery-count", 0)
+    return count if isinstance(count, int) else 0
 
 
 async def ack(message: AbstractIncomingMessage) -> bool:

@@ -32,10 +32,15 @@ class BrokerAccounts:
         self._base = management_url.rstrip("/")
 
     async def create_device_account(self, device_id: str) -> str:
-        """Create (or reset) the device's AMQP user and permissions; returns its secret."""
+        """Create (or reset) the device's AMQP user and permissions; returns its secret.
+
+        Resetting deletes the user first: the broker closes a deleted user's connections,
+        while a new password alone leaves connections made with the old secret open.
+        """
         user = quote(device_account(device_id), safe="")
         secret = secrets.token_urlsafe(24)
         async with self._client() as client:
+            await self._call(client, "DELETE", f"/api/users/{user}", missing_ok=True)
             await self._call(client, "PUT", f"/api/users/{user}", {"password": secret, "tags": ""})
             vhost = quote(self._vhost, safe="")
             await self._call(

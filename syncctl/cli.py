@@ -70,6 +70,9 @@ async def device_add(args: argparse.Namespace, settings: ServerSettings) -> int:
             secret = await register_device(
                 conn, channel, _accounts(settings), args.device, args.user, offline=not args.online
             )
+    except ValueError as error:
+        print(error, file=sys.stderr)
+        return 2
     finally:
         await conn.close()
     print(f"device {args.device} registered for user {args.user}")

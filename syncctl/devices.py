@@ -3,9 +3,12 @@ account, together."""
 
 from __future__ import annotations
 
+import re
+
 import asyncpg
 from aio_pika.abc import AbstractChannel
 
+from broker.models import DEVICE_ID_PATTERN
 from broker.topology import (
     DEFAULT_QUEUE_LIMITS,
     QueueLimits,
@@ -31,7 +34,10 @@ async def register_device(
 
     The queue exists from registration on, so batches wait in it while the device is
     offline. Returns the account's new secret: the caller shows it once, never logs it.
+    Raises ``ValueError`` for an id that jobs and batches could never carry.
     """
+    if not re.fullmatch(DEVICE_ID_PATTERN, device_id):
+        raise ValueError(f"not a valid device id: {device_id!r} (must match {DEVICE_ID_PATTERN})")
     await conn.execute(
         "INSERT INTO sync.device (device_id, user_id, offline) VALUES ($1, $2, $3) "
         "ON CONFLICT (device_id) DO UPDATE SET user_id = excluded.user_id, "

@@ -3,6 +3,7 @@ jobs cannot be forged, and what arrives from outside never reaches SQL as code."
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -13,10 +14,11 @@ import pytest
 from aio_pika.abc import AbstractChannel
 from aiormq.exceptions import ChannelAccessRefused, ChannelPreconditionFailed
 
-from broker import ObjectRef, Session, SyncClient
+from broker import ObjectRef, Session, SyncClient, SyncJob
 from broker.accounts import device_account
 from broker.topology import CHANGES_EXCHANGE, JOBS_EXCHANGE, device_queue_name
-from tests.conftest import Device, MakeDevice, dead_letters, insert, sync_settled
+from syncctl.devices import register_device
+from tests.conftest import Device, MakeDevice, dead_letters, insert, sync_settled, wait_for
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -173,3 +175,62 @@ async def test_the_worker_role_cannot_write_application_data(services, pg, state
     finally:
         await worker_conn.close()
     assert await pg.fetchval("SELECT title FROM t_task") == "t"
+
+
+async def test_a_reply_to_naming_a_queue_gets_no_message(make_device: MakeDevice, pg, amqp):
+    # The worker publishes results with the operator's rights; a device must not be able
+    # to point them at another device's queue.
+    mine = await make_device(7, ["Admin"])
+    theirs = await make_device(8, ["Admin"], run_agent=False)
+    task = await insert(pg, "t_task", title="t")
+    job = SyncJob(
+        job_id="aimed-at-b",
+        session=mine.session,
+        origin="nanoflow",
+        objects=(ObjectRef("Task", task),),
+    )
+    async with _channel_as(mine) as channel:
+        jobs = await channel.get_exchange(JOBS_EXCHANGE.name, ensure=False)
+        await jobs.publish(
+            aio_pika.Message(
+                job.model_dump_json().encode(),
+                user_id=device_account(mine.device_id),
+                reply_to=device_queue_name(theirs.device_id),
+                correlation_id=job.job_id,
+            ),
+            routing_key="",
+        )
+    # The job itself runs: the device gets its object; the result goes nowhere. The result
+    # would follow the batch within milliseconds, so a second is plenty to see it.
+    await wait_for(lambda: _holds(mine, task))
+    await asyncio.sleep(1)
+    queue = await amqp.get_queue(device_queue_name(theirs.device_id))
+    assert await queue.get(no_ack=True, fail=False) is None
+
+
+async def test_re_adding_a_device_cuts_off_the_old_secret(
+    make_device: MakeDevice, pg, amqp, accounts
+):
+    device = await make_device(7, ["Admin"], run_agent=False)
+    old = await aio_pika.connect(device.amqp_url)
+    try:
+        await register_device(pg, amqp, accounts, device.device_id, 7)
+        # The broker closed the connection made with the old secret.
+        await wait_for(lambda: _refuses_channels(old), timeout=10)
+    finally:
+        await old.close()
+    with pytest.raises(aio_pika.exceptions.ProbableAuthenticationError):
+        await aio_pika.connect(device.amqp_url)
+
+
+async def _holds(device: Device, task: int) -> bool:
+    return await device.store.get_committed("Task", task) is not None
+
+
+async def _refuses_channels(connection: aio_pika.abc.AbstractConnection) -> bool:
+    try:
+        channel = await connection.channel()
+    except RuntimeError:  # aio-pika: the connection is gone
+        return True
+    await channel.close()
+    return False

@@ -16,8 +16,10 @@ from functools import partial
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
 from pydantic import ValidationError
 
-from broker.delivery import ack, nack, retry_while_held
-from broker.errors import PUBLISH_FAILED, BrokerUnavailable
+from broker.accounts import device_of_account
+from broker.client import DIRECT_REPLY_TO
+from broker.delivery import ack, delivery_count, nack, retry_while_held
+from broker.errors import PUBLISH_FAILED, BrokerUnavailable, Refused
 from broker.models import SyncJob, SyncResult
 from broker.publishing import json_message, publish_confirmed
 from broker.topology import JOB_DELIVERY_LIMIT
@@ -45,10 +47,12 @@ def describe_invalid_job(body: bytes, error: ValidationError) -> str:
     return f"invalid-job: {where}: {message}" if where else f"invalid-job: {message}"
 
 
-def _delivery_count(message: AbstractIncomingMessage) -> int:
-    """Earlier failed deliveries of this job, as counted by the quorum queue."""
-    count = (message.headers or {}).get("x-delivery-count", 0)
-    return count if isinstance(count, int) else 0
+def _device(message: AbstractIncomingMessage, job: SyncJob | None) -> str:
+    """The device to name in logs: a device account's own, never one its body claims."""
+    own = device_of_account(message.user_id)
+    if own is not None:
+        return own
+    return job.session.device_id if job else "unknown"
 
 
 def _peek_schema_version(body: bytes) -> object:
@@ -99,11 +103,11 @@ class JobConsumer:
         await self._reply(message, result)
         await ack(message)
         log.info(
-            "job done job_id=%s publisher=%s body_device_id=%s status=%s synced=%d removed=%d "
+            "job done job_id=%s publisher=%s device_id=%s status=%s synced=%d removed=%d "
             "skipped=%d batches=%d ms=%.1f",
             job.job_id,
             message.user_id,
-            job.session.device_id,
+            _device(message, job),
             result.status,
             result.synced,
             result.removed,
@@ -116,11 +120,11 @@ class JobConsumer:
         self, message: AbstractIncomingMessage, job: SyncJob, error: Exception
     ) -> None:
         """A bug or a broken database, not bad input: try again, but not forever."""
-        attempt = _delivery_count(message) + 1
+        attempt = delivery_count(message) + 1
         log.error(
             "job failed job_id=%s device_id=%s attempt=%d/%d",
             job.job_id,
-            job.session.device_id,
+            _device(message, job),
             attempt,
             JOB_DELIVERY_LIMIT,
             exc_info=error,
@@ -150,17 +154,27 @@ class JobConsumer:
             await publish_confirmed(
                 self._dead_jobs, [dead], routing_key="", timeout=self._publish_timeout, window=1
             )
-        except BrokerUnavailable:
+        except (BrokerUnavailable, Refused):
             log.warning("job %s: dead-letter publish failed; returned to the queue", job_id)
             await nack(message, requeue=True)
             return
         await self._reply(message, SyncResult(job_id=job_id, status="rejected", reason=reason))
         await ack(message)
-        device_id = job.session.device_id if job else "unknown"
-        log.info("job rejected job_id=%s device_id=%s reason=%s", job_id, device_id, reason)
+        log.info(
+            "job rejected job_id=%s device_id=%s reason=%s", job_id, _device(message, job), reason
+        )
 
     async def _reply(self, message: AbstractIncomingMessage, result: SyncResult) -> None:
         if not message.reply_to:
+            return
+        if not message.reply_to.startswith(DIRECT_REPLY_TO):
+            # The worker publishes with the operator's rights: a reply_to naming a queue
+            # would let a device drop messages into any queue (another device's, say).
+            log.warning(
+                "result for job %s not sent: reply_to %r is not direct reply-to",
+                result.job_id,
+                message.reply_to,
+            )
             return
         reply = json_message(
             result.model_dump_json().encode(), correlation_id=message.correlation_id

@@ -20,16 +20,16 @@ __all__ = ["DEVICE_LOCK_CLASS", "JobHandler", "ignored"]
 # Namespaces the per-device advisory locks among any other advisory locks of the database.
 DEVICE_LOCK_CLASS = 0x5D0C
 
-# One round trip: the device lock, then the device and its user's roles (always from
-# PostgreSQL, never from the job). The lock is held from here until the batches are
-# confirmed, so two workers cannot interleave one device's jobs: the later reader always
-# publishes later. The objects themselves are read by later statements, whose snapshots
-# are taken after the lock was granted (READ COMMITTED).
-_LOCK_AND_READ_DEVICE = """
+# Held from here until the batches are confirmed, so two workers cannot interleave one
+# device's jobs: the later reader always publishes later. It is its own statement: under
+# READ COMMITTED a statement reads a snapshot taken when it starts, so only statements
+# after this one see what the previous job of the device committed.
+_LOCK_DEVICE = "SELECT pg_advisory_xact_lock($1, hashtext($2))"
+# The device and its user's roles (always from PostgreSQL, never from the job).
+_READ_DEVICE = """
 SELECT d.user_id, d.offline, d.resync_reason, d.resync_since,
        ARRAY(SELECT r.role FROM sync.user_role r WHERE r.user_id = d.user_id) AS roles
-FROM (SELECT pg_advisory_xact_lock($1, hashtext($2))) AS locked
-LEFT JOIN sync.device d ON d.device_id = $2
+FROM sync.device d WHERE d.device_id = $1
 """
 
 
@@ -71,8 +71,9 @@ class JobHandler:
         if job.origin != "nanoflow":
             return ignored(job, "not-called-from-nanoflow")
         async with self._pool.acquire() as conn, conn.transaction(readonly=True):
-            device = await conn.fetchrow(_LOCK_AND_READ_DEVICE, DEVICE_LOCK_CLASS, device_id)
-            if device["user_id"] is None:
+            await conn.execute(_LOCK_DEVICE, DEVICE_LOCK_CLASS, device_id)
+            device = await conn.fetchrow(_READ_DEVICE, device_id)
+            if device is None:
                 raise JobRejected("unknown-device")
             if claimed_user is not None and device["user_id"] != claimed_user:
                 raise JobRejected("device-not-owned")

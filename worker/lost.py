@@ -8,13 +8,14 @@ job starts with a ``ResyncChange``, which tells the agent (see ``worker.handler`
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from functools import partial
 
 import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
 
-from broker.delivery import ack, retry_while_held
+from broker.delivery import ack, delivery_count, nack, retry_while_held
 from broker.topology import device_queue_name
 from worker.errors import TRANSIENT_ERRORS
 
@@ -23,6 +24,8 @@ __all__ = ["LostBatchConsumer", "lost_device"]
 log = logging.getLogger(__name__)
 
 _QUEUE_PREFIX = device_queue_name("")
+MARK_ATTEMPTS = 5
+MARK_RETRY_DELAY = 1.0
 
 
 def lost_device(message: AbstractIncomingMessage) -> tuple[str, str] | None:
@@ -46,12 +49,16 @@ class LostBatchConsumer:
             await ack(message)
             return
         device_id, reason = lost
-        marked = await retry_while_held(
-            message,
-            partial(self._mark, device_id, reason),
-            transient=TRANSIENT_ERRORS,
-            what=f"lost batch {message.message_id}",
-        )
+        try:
+            marked = await retry_while_held(
+                message,
+                partial(self._mark, device_id, reason),
+                transient=TRANSIENT_ERRORS,
+                what=f"lost batch {message.message_id}",
+            )
+        except Exception as error:
+            await self._failed(message, device_id, error)
+            return
         if marked is None:
             return
         await ack(message)
@@ -61,6 +68,31 @@ class LostBatchConsumer:
             message.message_id,
             reason,
         )
+
+    async def _failed(
+        self, message: AbstractIncomingMessage, device_id: str, error: Exception
+    ) -> None:
+        """Not transient (say, the schema lacks the resync columns): retry slowly, a few
+        times, then give up loudly rather than loop forever."""
+        attempt = delivery_count(message) + 1
+        log.error(
+            "lost batch %s: device_id=%s not marked for resync, attempt %d/%d",
+            message.message_id,
+            device_id,
+            attempt,
+            MARK_ATTEMPTS,
+            exc_info=error,
+        )
+        if attempt < MARK_ATTEMPTS:
+            await asyncio.sleep(MARK_RETRY_DELAY)
+            await nack(message, requeue=True)
+            return
+        log.error(
+            "lost batch %s: giving up; device_id=%s must resync everything by hand",
+            message.message_id,
+            device_id,
+        )
+        await ack(message)
 
     async def _mark(self, device_id: str, reason: str) -> bool:
         # The first loss's time is kept: the device must resync everything since then.

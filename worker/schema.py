@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 import asyncpg
@@ -73,12 +74,18 @@ def create_table_sql(entity: Entity) -> str:
 def create_index_sqls(entity: Entity) -> list[str]:
     """One index per association column: constraints follow associations in both directions."""
     assert entity.table is not None
-    bare_table = entity.table.split(".")[-1]
     return [
-        f"CREATE INDEX IF NOT EXISTS {quote_ident(f'{bare_table}_{a.column}_idx'[:63])} "
+        f"CREATE INDEX IF NOT EXISTS {quote_ident(_index_name(entity.table, a.column))} "
         f"ON {quote_table(entity.table)} ({quote_ident(a.column)})"
         for a in entity.associations.values()
     ]
+
+
+def _index_name(table: str, column: str) -> str:
+    """``<table>_<column>_<hash>``, at most 63 characters; the hash keeps names apart that
+    would otherwise meet (``a_b``.``c`` and ``a``.``b_c``) or be cut to the same prefix."""
+    digest = hashlib.sha256(f"{table}.{column}".encode()).hexdigest()[:8]
+    return f"{table.split('.')[-1]}_{column}"[:54] + f"_{digest}"
 
 
 def _trigger_sql(table: str) -> str:
@@ -122,6 +129,10 @@ async def create_worker_role(
     """
     if not re.fullmatch(_ROLE_PATTERN, role):
         raise ValueError(f"not a valid role name: {role!r} (must match {_ROLE_PATTERN})")
+    tables = [
+        entity.table for entity in model.entities.values() if entity.persistable and entity.table
+    ]
+    await _refuse_privileged_role(conn, role, tables)
     exists = await conn.fetchval("SELECT true FROM pg_roles WHERE rolname = $1", role)
     verb = "ALTER" if exists else "CREATE"
     # PostgreSQL quotes the name and the password itself: DDL takes no bind parameters.
@@ -131,9 +142,6 @@ async def create_worker_role(
         role,
         password,
     )
-    tables = [
-        entity.table for entity in model.entities.values() if entity.table and entity.persistable
-    ]
     schemas = sorted({table.split(".")[0] if "." in table else "public" for table in tables})
     grantee = quote_ident(role)
     async with conn.transaction():
@@ -146,3 +154,21 @@ async def create_worker_role(
         )
         for table in tables:
             await conn.execute(f"GRANT SELECT ON {quote_table(table)} TO {grantee}")
+
+
+async def _refuse_privileged_role(conn: asyncpg.Connection, role: str, tables: list[str]) -> None:
+    """Refuse to turn a role that can write anyway (a superuser, the operator's own role,
+    an owner of the application tables) into "the read-only worker role"."""
+    superuser = await conn.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = $1", role)
+    is_me = await conn.fetchval("SELECT current_user = $1::name", role)
+    owns = await conn.fetchval(
+        "SELECT count(*) FROM pg_class c JOIN pg_roles r ON r.oid = c.relowner "
+        "WHERE r.rolname = $1 AND c.oid = ANY($2::regclass[])",
+        role,
+        [quote_table(table) for table in tables],
+    )
+    if superuser or is_me or owns:
+        raise ValueError(
+            f"role {role!r} is a superuser, the current user or owns application tables; "
+            "the worker role must be a role of its own"
+        )
