@@ -19,6 +19,7 @@ from broker.accounts import device_account
 from broker.topology import CHANGES_EXCHANGE, JOBS_EXCHANGE, device_queue_name
 from syncctl.devices import register_device
 from tests.conftest import Device, MakeDevice, dead_letters, insert, sync_settled, wait_for
+from worker.schema import create_worker_role
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -234,3 +235,10 @@ async def _refuses_channels(connection: aio_pika.abc.AbstractConnection) -> bool
         return True
     await channel.close()
     return False
+
+
+@pytest.mark.parametrize("role", ["sync", "postgres"])
+async def test_a_privileged_role_is_never_made_the_worker_role(pg, model, role: str):
+    with pytest.raises(ValueError, match="must be a role of its own"):
+        await create_worker_role(pg, model, role, "secret")
+    assert await pg.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = $1", role)

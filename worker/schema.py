@@ -163,7 +163,7 @@ async def _refuse_privileged_role(conn: asyncpg.Connection, role: str, tables: l
     is_me = await conn.fetchval("SELECT current_user = $1::name", role)
     owns = await conn.fetchval(
         "SELECT count(*) FROM pg_class c JOIN pg_roles r ON r.oid = c.relowner "
-        "WHERE r.rolname = $1 AND c.oid = ANY($2::regclass[])",
+        "WHERE r.rolname = $1 AND c.oid IN (SELECT to_regclass(t) FROM unnest($2::text[]) t)",
         role,
         [quote_table(table) for table in tables],
     )
