@@ -11,6 +11,7 @@ import logging
 import sqlite3
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from functools import partial
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
@@ -60,6 +61,14 @@ class DeviceAgent:
         """Connect and open the store; ``on_applied`` is called with each batch once it is
         committed (an app refreshes its screens there; benchmarks time it)."""
         store = await OfflineStore.open(settings.db_path)
+        batches, tombstones = await store.prune(timedelta(days=settings.prune_after_days))
+        if batches or tombstones:
+            log.info(
+                "store pruned device_id=%s applied_batches=%d tombstones=%d",
+                settings.device_id,
+                batches,
+                tombstones,
+            )
         connection = await connect(settings.amqp_url, f"sync-agent:{settings.device_id}")
         channel = await open_channel(connection, prefetch=settings.prefetch)
         # Passive: the queue is created when the device is registered; the agent may

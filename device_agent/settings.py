@@ -8,6 +8,7 @@ from pydantic import Field
 
 from broker.models import DEVICE_ID_PATTERN
 from broker.settings import BrokerSettings
+from broker.topology import DEVICE_QUEUE_TTL_SECONDS
 
 __all__ = ["AgentSettings"]
 
@@ -17,3 +18,6 @@ class AgentSettings(BrokerSettings):
     db_path: Path
     # Batches fetched ahead while one is applied; applying stays one at a time, in order.
     prefetch: int = Field(default=8, ge=1, le=1000)
+    # Applied batch ids and tombstones are kept this long, then pruned at start. It must
+    # exceed the device queue's TTL (broker.topology.DEVICE_QUEUE_TTL_SECONDS, 30 days).
+    prune_after_days: float = Field(default=35, gt=DEVICE_QUEUE_TTL_SECONDS / 86400)

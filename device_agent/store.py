@@ -25,7 +25,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 
 _RESYNC = "resync_required"
 # Incremented when a new version of the store needs existing databases brought up to date.
-_STORE_VERSION = 1
+_STORE_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS objects (
@@ -79,6 +79,7 @@ CREATE TABLE IF NOT EXISTS tombstones (
     id INTEGER NOT NULL,
     version INTEGER,
     reason TEXT NOT NULL,
+    removed_at TEXT,
     PRIMARY KEY (entity, id)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS applied_batches (
@@ -117,8 +118,10 @@ ON CONFLICT (entity, id) DO UPDATE
     WHERE excluded.version >= objects.version
 """
 _TOMBSTONE = """
-INSERT INTO tombstones (entity, id, version, reason) VALUES (:entity, :id, :version, :reason)
-ON CONFLICT (entity, id) DO UPDATE SET version = excluded.version, reason = excluded.reason
+INSERT INTO tombstones (entity, id, version, reason, removed_at)
+VALUES (:entity, :id, :version, :reason, CURRENT_TIMESTAMP)
+ON CONFLICT (entity, id) DO UPDATE SET
+    version = excluded.version, reason = excluded.reason, removed_at = excluded.removed_at
 """
 _SET_MEMBER = """
 INSERT INTO uncommitted (entity, id, member, value) VALUES (?, ?, ?, ?)
@@ -282,10 +285,25 @@ class OfflineStore(AsyncClosable):
         state = await self._state(_RESYNC)
         return None if state is None else datetime.fromisoformat(state[1])
 
-    async def clear_resync_required(self) -> None:
-        """The app re-synchronized everything: the flag is cleared."""
+    async def clear_resync_required(self, *, started: datetime | None = None) -> None:
+        """The app re-synchronized everything: the flag is cleared.
+
+        Give ``started``, when the app began that resync, and a loss announced while it
+        ran keeps the flag set, so the app resyncs once more rather than miss it.
+
+        Example::
+
+            started = datetime.now(UTC)
+            ...  # synchronize everything
+            await store.clear_resync_required(started=started)
+        """
+        sql = "DELETE FROM device_state WHERE key = ?"
+        params: tuple[str, ...] = (_RESYNC,)
+        if started is not None:
+            sql += " AND updated_at < ?"
+            params += (_timestamp(started),)
         async with self._transaction():
-            await self._db.execute("DELETE FROM device_state WHERE key = ?", (_RESYNC,))
+            await self._db.execute(sql, params)
 
     # The agent's side.
 
@@ -301,6 +319,26 @@ class OfflineStore(AsyncClosable):
         """
         async with self._transaction():
             await self._mark_resync(reason, since)
+
+    async def prune(self, older_than: timedelta) -> tuple[int, int]:
+        """Forget applied batch ids and tombstones older than ``older_than``; returns how
+        many of each. Both guard against batches arriving late or twice, which can only
+        happen while a batch can still wait in the device queue: past the queue's TTL it
+        is dead-lettered instead. So any horizon longer than that TTL is safe.
+
+        Example::
+
+            await store.prune(timedelta(days=35))   # the queue TTL is 30 days
+        """
+        cutoff = (datetime.now(UTC) - older_than).strftime("%Y-%m-%d %H:%M:%S")
+        async with self._transaction():
+            batches = await self._db.execute(
+                "DELETE FROM applied_batches WHERE applied_at < ?", (cutoff,)
+            )
+            tombstones = await self._db.execute(
+                "DELETE FROM tombstones WHERE removed_at < ?", (cutoff,)
+            )
+        return batches.rowcount, tombstones.rowcount
 
     async def applied_batch_ids(self, batch_ids: Iterable[str]) -> set[str]:
         """Which of ``batch_ids`` this device has applied."""
@@ -456,25 +494,41 @@ class OfflineStore(AsyncClosable):
         self._members = {entity: frozenset(names) for entity, names in members.items()}
 
     async def _upgrade(self) -> None:
-        """Bring a database written by an older store up to date: a database from before
-        the views gets them from the objects it already holds."""
+        """Bring a database written by an older store up to date, one version at a time."""
         if await self._user_version() >= _STORE_VERSION:
             return  # the usual case: no write transaction at open
         async with self._transaction():
-            if await self._user_version() >= _STORE_VERSION:
-                return  # another process upgraded it meanwhile
-            seen: dict[str, set[str]] = {}
-            async with self._db.execute("SELECT DISTINCT entity FROM objects") as cursor:
-                for (entity,) in await cursor.fetchall():
-                    seen[entity] = set()
-            async with self._db.execute(
-                "SELECT DISTINCT o.entity, j.key FROM objects AS o, json_each(o.data) AS j "
-                "WHERE json_type(o.data) = 'object'"
-            ) as cursor:
-                for entity, member in await cursor.fetchall():
-                    seen[entity].add(member)
-            await self._discover_members(dict(seen))
+            version = await self._user_version()  # another process may have upgraded it
+            if version < 1:
+                await self._build_views_from_objects()
+            if version < 2:
+                await self._date_tombstones()
             await self._db.execute(f"PRAGMA user_version = {_STORE_VERSION}")
+
+    async def _date_tombstones(self) -> None:
+        """Version 2: tombstones carry the time of the removal, so old ones can be pruned."""
+        async with self._db.execute("PRAGMA table_info(tombstones)") as cursor:
+            columns = {row[1] for row in await cursor.fetchall()}
+        if "removed_at" not in columns:
+            await self._db.execute("ALTER TABLE tombstones ADD COLUMN removed_at TEXT")
+        # Undated ones count from now: they are kept one full horizon from the upgrade.
+        await self._db.execute(
+            "UPDATE tombstones SET removed_at = CURRENT_TIMESTAMP WHERE removed_at IS NULL"
+        )
+
+    async def _build_views_from_objects(self) -> None:
+        """Version 1: a database from before the views gets them from its objects."""
+        seen: dict[str, set[str]] = {}
+        async with self._db.execute("SELECT DISTINCT entity FROM objects") as cursor:
+            for (entity,) in await cursor.fetchall():
+                seen[entity] = set()
+        async with self._db.execute(
+            "SELECT DISTINCT o.entity, j.key FROM objects AS o, json_each(o.data) AS j "
+            "WHERE json_type(o.data) = 'object'"
+        ) as cursor:
+            for entity, member in await cursor.fetchall():
+                seen[entity].add(member)
+        await self._discover_members(dict(seen))
 
     async def _user_version(self) -> int:
         async with self._db.execute("PRAGMA user_version") as cursor:

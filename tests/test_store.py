@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import aiosqlite
 import pytest
 from pydantic import ValidationError
 
@@ -369,4 +370,52 @@ async def test_resync_change_in_a_batch_marks_the_store_once(store: OfflineStore
     assert await store.resync_required_since() == since
     await store.clear_resync_required()
     assert not await store.apply_batch(batch)
+    assert await store.resync_required() is None
+
+
+async def test_prune_forgets_old_batch_ids_and_tombstones_only(store: OfflineStore, tmp_path):
+    await store.apply_batch(_batch(_upsert(1, 4, title="old")))
+    await store.apply_batch(_batch(RemoveChange(entity="Task", id=1, reason="deleted", version=4)))
+    recent = _batch(_upsert(2, 1, title="recent"))
+    await store.apply_batch(recent)
+    await store.apply_batch(_batch(RemoveChange(entity="Task", id=3, reason="gone")))
+    async with aiosqlite.connect(tmp_path / "device.sqlite") as db:
+        await db.execute(
+            "UPDATE applied_batches SET applied_at = '2020-01-01 00:00:00' WHERE batch_id != ?",
+            (recent.batch_id,),
+        )
+        await db.execute("UPDATE tombstones SET removed_at = '2020-01-01 00:00:00' WHERE id = 1")
+        await db.commit()
+
+    assert await store.prune(timedelta(days=35)) == (3, 1)
+    assert await store.applied_batch_ids([recent.batch_id]) == {recent.batch_id}
+    # The recent tombstone still holds: a late upsert of object 3 cannot bring it back.
+    await store.apply_batch(_batch(_upsert(3, 9, title="late")))
+    assert await store.get_committed("Task", 3) is None
+    assert await store.prune(timedelta(days=35)) == (0, 0)
+
+
+async def test_tombstones_of_an_older_store_are_dated_at_open_and_still_hold(tmp_path):
+    path = tmp_path / "device.sqlite"
+    async with await OfflineStore.open(path) as store:
+        await store.apply_batch(_batch(RemoveChange(entity="Task", id=1, reason="gone")))
+    with closing(sqlite3.connect(path)) as db:
+        db.executescript("ALTER TABLE tombstones DROP COLUMN removed_at; PRAGMA user_version = 1;")
+    async with await OfflineStore.open(path) as store:
+        assert await store.prune(timedelta(days=35)) == (0, 0)
+        await store.apply_batch(_batch(_upsert(1, 9, title="late")))
+        assert await store.get_committed("Task", 1) is None
+    _, rows = _app_sql(path, "SELECT removed_at IS NOT NULL FROM tombstones")
+    assert rows == [(1,)]
+
+
+async def test_a_loss_announced_during_the_apps_resync_keeps_the_flag(store: OfflineStore):
+    await store.mark_resync_required("maxlen")
+    started = datetime.now(UTC)
+    await store.mark_resync_required("expired")  # arrives while the app resyncs
+    await store.clear_resync_required(started=started)
+    assert await store.resync_required() == "expired"
+
+    started = datetime.now(UTC)
+    await store.clear_resync_required(started=started)
     assert await store.resync_required() is None
