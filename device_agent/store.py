@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -42,12 +42,10 @@ from broker.models import (
 from device_agent.views import (
     ENTITY_NAME,
     MEMBER_NAME,
+    ViewCatalog,
     check_name,
     json_path,
     members_by_entity,
-    quoted,
-    valid_members,
-    view_sql,
 )
 
 __all__ = ["OfflineStore"]
@@ -151,11 +149,7 @@ class OfflineStore(AsyncClosable):
         self._db = db
         # One connection, so one transaction at a time across the coroutines using it.
         self._writing = asyncio.Lock()
-        # Members per entity known to be in ``entity_members`` (and so in the views).
-        # Members are never forgotten, so the cache only ever lags behind the database;
-        # what a transaction adds waits in ``_pending`` until it commits.
-        self._members: dict[str, frozenset[str]] = {}
-        self._pending: dict[str, frozenset[str]] = {}
+        self._views = ViewCatalog(db)
 
     @classmethod
     async def open(cls, path: str | Path) -> OfflineStore:
@@ -169,7 +163,7 @@ class OfflineStore(AsyncClosable):
         store = cls(db)
         try:
             await store._upgrade()
-            await store._load_members()
+            await store._views.load()
         except BaseException:
             await db.close()
             raise
@@ -235,7 +229,7 @@ class OfflineStore(AsyncClosable):
             check_name(member, MEMBER_NAME, "member")
             if not isinstance(value, str | int | float | None):
                 raise TypeError(f"filter {member}: expected str, int, float, bool or None")
-        if filters and not await self._has_members(entity, filters):
+        if filters and not await self._views.has_members(entity, filters):
             return []
         sql = "SELECT id, data FROM objects WHERE entity = ?"
         params: list[Any] = [entity]
@@ -258,7 +252,7 @@ class OfflineStore(AsyncClosable):
             committed = await self.get_committed(entity, object_id) or {}
             version = await self.version(entity, object_id) or 0
             merged = {**committed, **await self._uncommitted(entity, object_id)}
-            await self._discover_members({entity: merged.keys()})
+            await self._views.discover({entity: merged.keys()})
             await self._db.execute(
                 "INSERT INTO objects (entity, id, version, data, dirty) VALUES (?, ?, ?, ?, 1) "
                 "ON CONFLICT (entity, id) DO UPDATE SET data = excluded.data, dirty = 1",
@@ -379,7 +373,7 @@ class OfflineStore(AsyncClosable):
         removes = [c for c in batch.changes if isinstance(c, RemoveChange)]
         overlays = [c for c in batch.changes if isinstance(c, OverlayChange)]
         resyncs = [c for c in batch.changes if isinstance(c, ResyncChange)]
-        await self._discover_members(members_by_entity(upserts))
+        await self._views.discover(members_by_entity(upserts))
         if upserts:
             await self._db.executemany(
                 _UPSERT,
@@ -425,74 +419,6 @@ class OfflineStore(AsyncClosable):
         ) as cursor:
             return {member: json.loads(value) for member, value in await cursor.fetchall()}
 
-    # Views: one per entity, rebuilt when a member or entity appears for the first time.
-
-    async def _discover_members(self, seen: Mapping[str, Iterable[str]]) -> None:
-        """Record the entities and members in ``seen`` not known yet and rebuild their
-        views, in the caller's transaction. Names that cannot be SQL identifiers are
-        skipped (their values stay in ``data``, readable with ``get()``)."""
-        for entity, names in sorted(seen.items()):
-            members = valid_members(entity, names)
-            known = self._pending.get(entity, self._members.get(entity))
-            if known is not None and members <= known:
-                continue
-            if not ENTITY_NAME.fullmatch(entity):
-                log.warning("entity %r: not a valid entity name, no view", entity)
-                continue
-            # Something is new: start from what the database holds, since another process
-            # on the same file may have added members this one has not seen.
-            stored = await self._stored_members(entity)
-            await self._db.execute(
-                "INSERT OR IGNORE INTO synced_entities (entity) VALUES (?)", (entity,)
-            )
-            await self._db.executemany(
-                "INSERT OR IGNORE INTO entity_members (entity, member) VALUES (?, ?)",
-                [(entity, member) for member in sorted(members - stored)],
-            )
-            await self._rebuild_view(entity, stored | members)
-            self._pending[entity] = stored | members
-
-    async def _rebuild_view(self, entity: str, members: frozenset[str]) -> None:
-        if not await self._view_name_free(entity):
-            log.warning("entity %s: its name is taken by another table or view, no view", entity)
-            return
-        await self._db.execute(f"DROP VIEW IF EXISTS {quoted(entity)}")
-        await self._db.execute(view_sql(entity, members))
-
-    async def _view_name_free(self, entity: str) -> bool:
-        """True unless the name (SQLite compares names without case) is reserved, a table
-        of the store, or the view of an entity spelled differently."""
-        if entity.lower().startswith("sqlite_"):
-            return False
-        async with self._db.execute(
-            "SELECT type, name FROM sqlite_master WHERE name = ? COLLATE NOCASE", (entity,)
-        ) as cursor:
-            taken = await cursor.fetchall()
-        return all(kind == "view" and name == entity for kind, name in taken)
-
-    async def _stored_members(self, entity: str) -> frozenset[str]:
-        async with self._db.execute(
-            "SELECT member FROM entity_members WHERE entity = ?", (entity,)
-        ) as cursor:
-            return frozenset(row[0] for row in await cursor.fetchall())
-
-    async def _has_members(self, entity: str, members: Iterable[str]) -> bool:
-        """Whether every one of ``members`` was seen for ``entity``. The database is read
-        only when the cache does not know one: another process on the same file (the
-        agent, when the app has its own store) may have added it."""
-        wanted = set(members)
-        if wanted <= self._members.get(entity, frozenset()):
-            return True
-        return wanted <= await self._stored_members(entity)
-
-    async def _load_members(self) -> None:
-        async with self._db.execute("SELECT entity FROM synced_entities") as cursor:
-            members: dict[str, set[str]] = {row[0]: set() for row in await cursor.fetchall()}
-        async with self._db.execute("SELECT entity, member FROM entity_members") as cursor:
-            for entity, member in await cursor.fetchall():
-                members.setdefault(entity, set()).add(member)
-        self._members = {entity: frozenset(names) for entity, names in members.items()}
-
     async def _upgrade(self) -> None:
         """Bring a database written by an older store up to date, one version at a time."""
         if await self._user_version() >= _STORE_VERSION:
@@ -500,7 +426,7 @@ class OfflineStore(AsyncClosable):
         async with self._transaction():
             version = await self._user_version()  # another process may have upgraded it
             if version < 1:
-                await self._build_views_from_objects()
+                await self._views.rebuild_from_objects()
             if version < 2:
                 await self._date_tombstones()
             await self._db.execute(f"PRAGMA user_version = {_STORE_VERSION}")
@@ -515,20 +441,6 @@ class OfflineStore(AsyncClosable):
         await self._db.execute(
             "UPDATE tombstones SET removed_at = CURRENT_TIMESTAMP WHERE removed_at IS NULL"
         )
-
-    async def _build_views_from_objects(self) -> None:
-        """Version 1: a database from before the views gets them from its objects."""
-        seen: dict[str, set[str]] = {}
-        async with self._db.execute("SELECT DISTINCT entity FROM objects") as cursor:
-            for (entity,) in await cursor.fetchall():
-                seen[entity] = set()
-        async with self._db.execute(
-            "SELECT DISTINCT o.entity, j.key FROM objects AS o, json_each(o.data) AS j "
-            "WHERE json_type(o.data) = 'object'"
-        ) as cursor:
-            for entity, member in await cursor.fetchall():
-                seen[entity].add(member)
-        await self._discover_members(dict(seen))
 
     async def _user_version(self) -> int:
         async with self._db.execute("PRAGMA user_version") as cursor:
@@ -552,18 +464,16 @@ class OfflineStore(AsyncClosable):
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[None]:
         async with self._writing:
-            self._pending = {}
+            self._views.begin()
             await self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield
             except BaseException:
-                self._pending = {}
+                self._views.rolled_back()
                 await self._db.execute("ROLLBACK")
                 raise
             await self._db.execute("COMMIT")
-            # Only what committed may enter the cache: a rolled-back view change is gone.
-            self._members.update(self._pending)
-            self._pending = {}
+            self._views.committed()
 
 
 def _row(object_id: int, data: str) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""SQL for the app-facing views of the offline database: one view per synced entity.
+"""The app-facing views of the offline database: one view per synced entity, their SQL,
+and the catalog of entities and members they cover (``ViewCatalog``).
 
 Entity and member names arrive from the wire and become SQL identifiers here, so only
 names matching the model's patterns are used, and they are quoted at the one place the
@@ -9,13 +10,16 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+
+import aiosqlite
 
 from broker.models import ENTITY_NAME_PATTERN, MEMBER_NAME_PATTERN, UpsertChange
 
 __all__ = [
     "ENTITY_NAME",
     "MEMBER_NAME",
+    "ViewCatalog",
     "check_name",
     "json_path",
     "members_by_entity",
@@ -84,3 +88,108 @@ def view_sql(entity: str, members: Iterable[str]) -> str:
         f"CREATE VIEW {quoted(entity)} AS SELECT {', '.join(columns)} "
         f"FROM objects WHERE entity = '{entity}'"
     )
+
+
+class ViewCatalog:
+    """The app-facing views and the entities and members they cover.
+
+    Members per entity known to be in ``entity_members`` (and so in the views) are cached.
+    Members are never forgotten, so the cache only ever lags behind the database; what a
+    transaction adds waits in ``_pending`` until the store reports the commit.
+    """
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self._db = db
+        self._members: dict[str, frozenset[str]] = {}
+        self._pending: dict[str, frozenset[str]] = {}
+
+    def begin(self) -> None:
+        self._pending = {}
+
+    def committed(self) -> None:
+        # Only what committed may enter the cache: a rolled-back view change is gone.
+        self._members.update(self._pending)
+        self._pending = {}
+
+    def rolled_back(self) -> None:
+        self._pending = {}
+
+    async def discover(self, seen: Mapping[str, Iterable[str]]) -> None:
+        """Record the entities and members in ``seen`` not known yet and rebuild their
+        views, in the caller's transaction. Names that cannot be SQL identifiers are
+        skipped (their values stay in ``data``, readable with ``get()``)."""
+        for entity, names in sorted(seen.items()):
+            members = valid_members(entity, names)
+            known = self._pending.get(entity, self._members.get(entity))
+            if known is not None and members <= known:
+                continue
+            if not ENTITY_NAME.fullmatch(entity):
+                log.warning("entity %r: not a valid entity name, no view", entity)
+                continue
+            # Something is new: start from what the database holds, since another process
+            # on the same file may have added members this one has not seen.
+            stored = await self._stored_members(entity)
+            await self._db.execute(
+                "INSERT OR IGNORE INTO synced_entities (entity) VALUES (?)", (entity,)
+            )
+            await self._db.executemany(
+                "INSERT OR IGNORE INTO entity_members (entity, member) VALUES (?, ?)",
+                [(entity, member) for member in sorted(members - stored)],
+            )
+            await self._rebuild_view(entity, stored | members)
+            self._pending[entity] = stored | members
+
+    async def _rebuild_view(self, entity: str, members: frozenset[str]) -> None:
+        if not await self._view_name_free(entity):
+            log.warning("entity %s: its name is taken by another table or view, no view", entity)
+            return
+        await self._db.execute(f"DROP VIEW IF EXISTS {quoted(entity)}")
+        await self._db.execute(view_sql(entity, members))
+
+    async def _view_name_free(self, entity: str) -> bool:
+        """True unless the name (SQLite compares names without case) is reserved, a table
+        of the store, or the view of an entity spelled differently."""
+        if entity.lower().startswith("sqlite_"):
+            return False
+        async with self._db.execute(
+            "SELECT type, name FROM sqlite_master WHERE name = ? COLLATE NOCASE", (entity,)
+        ) as cursor:
+            taken = await cursor.fetchall()
+        return all(kind == "view" and name == entity for kind, name in taken)
+
+    async def _stored_members(self, entity: str) -> frozenset[str]:
+        async with self._db.execute(
+            "SELECT member FROM entity_members WHERE entity = ?", (entity,)
+        ) as cursor:
+            return frozenset(row[0] for row in await cursor.fetchall())
+
+    async def has_members(self, entity: str, members: Iterable[str]) -> bool:
+        """Whether every one of ``members`` was seen for ``entity``. The database is read
+        only when the cache does not know one: another process on the same file (the
+        agent, when the app has its own store) may have added it."""
+        wanted = set(members)
+        if wanted <= self._members.get(entity, frozenset()):
+            return True
+        return wanted <= await self._stored_members(entity)
+
+    async def load(self) -> None:
+        async with self._db.execute("SELECT entity FROM synced_entities") as cursor:
+            members: dict[str, set[str]] = {row[0]: set() for row in await cursor.fetchall()}
+        async with self._db.execute("SELECT entity, member FROM entity_members") as cursor:
+            for entity, member in await cursor.fetchall():
+                members.setdefault(entity, set()).add(member)
+        self._members = {entity: frozenset(names) for entity, names in members.items()}
+
+    async def rebuild_from_objects(self) -> None:
+        """A database from before the views (store version 0) gets them from its objects."""
+        seen: dict[str, set[str]] = {}
+        async with self._db.execute("SELECT DISTINCT entity FROM objects") as cursor:
+            for (entity,) in await cursor.fetchall():
+                seen[entity] = set()
+        async with self._db.execute(
+            "SELECT DISTINCT o.entity, j.key FROM objects AS o, json_each(o.data) AS j "
+            "WHERE json_type(o.data) = 'object'"
+        ) as cursor:
+            for entity, member in await cursor.fetchall():
+                seen[entity].add(member)
+        await self.discover(dict(seen))

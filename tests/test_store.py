@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from broker import ChangeBatch, OverlayChange, RemoveChange, ResyncChange, UpsertChange
 from device_agent import OfflineStore
 from device_agent.store import _SCHEMA
+from device_agent.views import ViewCatalog
 
 HOSTILE = 'x"; DROP TABLE objects; --'
 
@@ -181,13 +182,13 @@ async def test_views_survive_reopen_and_known_members_rebuild_nothing(tmp_path, 
         await store.apply_batch(_batch(_upsert(1, 1, title="a", status="Open")))
     assert "Task" in _views(path)
     rebuilt: list[str] = []
-    original = OfflineStore._rebuild_view
+    original = ViewCatalog._rebuild_view
 
     async def counting(self, entity, members):
         rebuilt.append(entity)
         await original(self, entity, members)
 
-    monkeypatch.setattr(OfflineStore, "_rebuild_view", counting)
+    monkeypatch.setattr(ViewCatalog, "_rebuild_view", counting)
     async with await OfflineStore.open(path) as store:
         await store.apply_batch(_batch(_upsert(2, 1, title="b")))
         assert rebuilt == []
