@@ -131,6 +131,15 @@ class DomainModel(_Spec):
         return None
 
     @property
+    def tables(self) -> dict[str, Entity]:
+        """The persistable entities, by their table."""
+        return {
+            entity.table: entity
+            for entity in self.entities.values()
+            if entity.persistable and entity.table is not None
+        }
+
+    @property
     def offline_entities(self) -> dict[str, Entity]:
         """The entities a device may hold, by name."""
         return {

@@ -104,17 +104,13 @@ async def init_database(
     """
     async with conn.transaction():
         await conn.execute(SYNC_SCHEMA_SQL)
-        tables: list[str] = []
-        for entity in model.entities.values():
-            if entity.table is None or not entity.persistable:
-                continue
+        for table, entity in model.tables.items():
             if create_tables:
                 await conn.execute(create_table_sql(entity))
                 for statement in create_index_sqls(entity):
                     await conn.execute(statement)
-            await conn.execute(_trigger_sql(entity.table))
-            tables.append(entity.table)
-    return tables
+            await conn.execute(_trigger_sql(table))
+    return list(model.tables)
 
 
 async def create_worker_role(
@@ -129,9 +125,7 @@ async def create_worker_role(
     """
     if not re.fullmatch(_ROLE_PATTERN, role):
         raise ValueError(f"not a valid role name: {role!r} (must match {_ROLE_PATTERN})")
-    tables = [
-        entity.table for entity in model.entities.values() if entity.persistable and entity.table
-    ]
+    tables = list(model.tables)
     await _refuse_privileged_role(conn, role, tables)
     exists = await conn.fetchval("SELECT true FROM pg_roles WHERE rolname = $1", role)
     verb = "ALTER" if exists else "CREATE"

@@ -15,6 +15,7 @@ Grammar::
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from decimal import Decimal
 from typing import cast
 
@@ -107,24 +108,26 @@ class _Parser:
         return And(tuple(parts), Span(0, len(self._text)))
 
     def _or(self) -> Expr:
-        start = self._current.start
-        operands = [self._and()]
-        while self._is_word("or"):
-            self._advance()
-            operands.append(self._and())
-        if len(operands) == 1:
-            return operands[0]
-        return Or(tuple(operands), self._span_from(start))
+        return self._chain("or", self._and, Or)
 
     def _and(self) -> Expr:
+        return self._chain("and", self._unary, And)
+
+    def _chain(
+        self,
+        word: str,
+        operand: Callable[[], Expr],
+        node: Callable[[tuple[Expr, ...], Span], Expr],
+    ) -> Expr:
+        """``operand (word operand)*``: one operand as is, several joined in ``node``."""
         start = self._current.start
-        operands = [self._unary()]
-        while self._is_word("and"):
+        operands = [operand()]
+        while self._is_word(word):
             self._advance()
-            operands.append(self._unary())
+            operands.append(operand())
         if len(operands) == 1:
             return operands[0]
-        return And(tuple(operands), self._span_from(start))
+        return node(tuple(operands), self._span_from(start))
 
     def _unary(self) -> Expr:
         start = self._current.start
