@@ -16,7 +16,7 @@ from broker import ChangeBatch, ObjectList, ObjectRef, SyncClient, SyncJob, Upse
 from broker.publishing import json_message
 from broker.topology import CHANGES_EXCHANGE
 from device_agent import AgentSettings, DeviceAgent
-from tests.conftest import ROOT, MakeDevice, Services, insert, wait_for
+from tests.conftest import ROOT, WORKER_ROLE, MakeDevice, Services, insert, sync_settled, wait_for
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -234,3 +234,21 @@ async def test_the_agent_tells_the_app_about_each_batch_once_it_is_committed(
 
 async def _seen_all(seen: list[str], batch_ids) -> bool:
     return len(seen) >= len(batch_ids)
+
+
+async def test_jobs_sync_again_after_postgresql_drops_the_workers_connections(
+    client: SyncClient, make_device: MakeDevice, pg
+):
+    device = await make_device(7, ["Admin"])
+    first = await insert(pg, "t_task", title="before")
+    await sync_settled(client, device, [ObjectRef("Task", first)])
+
+    # What a PostgreSQL restart does to the worker: every one of its sessions is gone.
+    killed = await pg.fetchval(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = $1",
+        WORKER_ROLE,
+    )
+    assert killed >= 1
+    second = await insert(pg, "t_task", title="after")
+    await sync_settled(client, device, [ObjectRef("Task", second)])
+    assert await device.store.ids("Task") == [first, second]
