@@ -32,6 +32,7 @@ from device_agent import AgentSettings, DeviceAgent, OfflineStore
 from syncctl.accounts import BrokerAccounts
 from syncctl.devices import register_device, unregister_device
 from worker import load_model
+from worker.model import EXAMPLE_MODEL
 from worker.schema import init_database
 from worker.settings import ServerSettings
 
@@ -48,7 +49,7 @@ __all__ = [
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
-MODEL = ROOT / "examples" / "field_service.yaml"
+MODEL = EXAMPLE_MODEL
 USER = 900
 
 

@@ -15,7 +15,6 @@ from aio_pika.abc import (
     AbstractRobustChannel,
     AbstractRobustConnection,
 )
-from pydantic import ValidationError
 
 from broker.closing import AsyncClosable
 from broker.connection import connect, open_channel
@@ -31,6 +30,7 @@ from broker.models import (
 )
 from broker.publishing import json_message, publish_confirmed
 from broker.topology import JOBS_EXCHANGE
+from broker.wire import WireError, decode
 
 __all__ = ["DIRECT_REPLY_TO", "SyncClient"]
 
@@ -211,9 +211,9 @@ class SyncClient(AsyncClosable):
 
     async def _on_result(self, message: AbstractIncomingMessage) -> None:
         try:
-            result = SyncResult.model_validate_json(message.body)
-        except ValidationError as error:
-            log.warning("result ignored: not a valid SyncResult: %s", error.errors()[:1])
+            result = decode(SyncResult, message.body)
+        except WireError as error:
+            log.warning("result ignored", extra={"reason": error.reason})
             return
         future = self._pending.get(message.correlation_id or result.job_id)
         if future is not None and not future.done():

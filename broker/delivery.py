@@ -36,7 +36,10 @@ async def ack(message: AbstractIncomingMessage) -> bool:
     try:
         await message.ack()
     except CHANNEL_GONE as error:
-        log.warning("ack lost message_id=%s: %r; the broker redelivers", message.message_id, error)
+        log.warning(
+            "ack lost; the broker redelivers",
+            extra={"message_id": message.message_id, "error": repr(error)},
+        )
         return False
     return True
 
@@ -46,7 +49,7 @@ async def nack(message: AbstractIncomingMessage, *, requeue: bool) -> None:
     try:
         await message.nack(requeue=requeue)
     except CHANNEL_GONE as error:
-        log.warning("nack lost message_id=%s: %r", message.message_id, error)
+        log.warning("nack lost", extra={"message_id": message.message_id, "error": repr(error)})
 
 
 async def retry_while_held(
@@ -68,8 +71,14 @@ async def retry_while_held(
             return await operation()
         except transient as error:
             if message.channel.is_closed:
-                log.warning("%s: channel lost (%r); the broker redelivers", what, error)
+                log.warning(
+                    "channel lost; the broker redelivers",
+                    extra={"what": what, "error": repr(error)},
+                )
                 return None
-            log.warning("%s: transient %r; retrying in %.1fs", what, error, backoff)
+            log.warning(
+                "transient error; retrying",
+                extra={"what": what, "error": repr(error), "retry_in_s": backoff},
+            )
         await asyncio.sleep(backoff)
         backoff = min(backoff * 2, MAX_BACKOFF)

@@ -10,10 +10,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
 
 __all__ = [
+    "DEVICE_ID_PATTERN",
     "ENTITY_NAME_PATTERN",
+    "JOB_ID_PATTERN",
     "MAX_OBJECTS_PER_JOB",
     "Change",
     "ChangeBatch",
@@ -37,21 +39,37 @@ __all__ = [
 ENTITY_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_]{0,62}(\.[A-Za-z][A-Za-z0-9_]{0,62})?$"
 MEMBER_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_]{0,62}$"
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
+# Job and batch ids, and reasons taken from the broker: safe in a log line as they are.
+JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"
 # Bounds the work one job can cause; larger selections are split by the caller.
 MAX_OBJECTS_PER_JOB = 100_000
 
 EntityName = Annotated[str, Field(pattern=ENTITY_NAME_PATTERN)]
 MemberName = Annotated[str, Field(pattern=MEMBER_NAME_PATTERN)]
 DeviceId = Annotated[str, Field(pattern=DEVICE_ID_PATTERN)]
-ObjectId = Annotated[int, Field(ge=1, le=2**63 - 1)]
+JobId = Annotated[str, Field(pattern=JOB_ID_PATTERN)]
+# Strict: a JSON id is an integer, never "5" or true. (ObjectRef's own __init__ would
+# otherwise validate in lax mode even when the message is read strictly.)
+ObjectId = Annotated[int, Strict(), Field(ge=1, le=2**63 - 1)]
 # Row versions are PostgreSQL bigints; SQLite's INTEGER holds the same range.
-Version = Annotated[int, Field(ge=0, le=2**63 - 1)]
+Version = Annotated[int, Strict(), Field(ge=0, le=2**63 - 1)]
 Origin = Literal["nanoflow", "event"]
 RemoveReason = Literal["deleted", "gone", "no-access"]
 
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _version_required(schema: dict[str, Any]) -> None:
+    """Python callers get ``schema_version`` by default; on the wire it is required."""
+    schema["required"] = ["schema_version", *schema.get("required", [])]
+
+
+class _Message(_Frozen):
+    """A whole message on the wire, as opposed to a part of one."""
+
+    model_config = ConfigDict(json_schema_extra=_version_required)
 
 
 # An object as (entity, id): how the worker keys the objects of a job internally.
@@ -97,11 +115,11 @@ class UncommittedChange(_Frozen):
         return (self.ref.entity, self.ref.id)
 
 
-class SyncJob(_Frozen):
+class SyncJob(_Message):
     """A request to synchronize objects to the session's device."""
 
     schema_version: Literal[1] = 1
-    job_id: str = Field(min_length=1, max_length=64)
+    job_id: JobId
     session: Session
     origin: Origin
     objects: tuple[ObjectRef, ...] = ()
@@ -166,7 +184,7 @@ class ResyncChange(_Frozen):
     """
 
     op: Literal["resync"] = "resync"
-    reason: Annotated[str, Field(max_length=64)]
+    reason: Annotated[str, Field(pattern=JOB_ID_PATTERN)]
     since: datetime
 
 
@@ -175,12 +193,12 @@ Change = Annotated[
 ]
 
 
-class ChangeBatch(_Frozen):
+class ChangeBatch(_Message):
     """A bounded group of changes for one device, applied in one SQLite transaction."""
 
     schema_version: Literal[1] = 1
-    batch_id: str = Field(min_length=1, max_length=64)
-    job_id: str = Field(min_length=1, max_length=64)
+    batch_id: JobId
+    job_id: JobId
     device_id: DeviceId
     changes: tuple[Change, ...]
 
@@ -192,11 +210,11 @@ class ObjectOutcome(_Frozen):
     reason: str | None = None
 
 
-class SyncResult(_Frozen):
+class SyncResult(_Message):
     """What the caller learns about its job."""
 
     schema_version: Literal[1] = 1
-    job_id: str
+    job_id: JobId
     status: Literal["done", "ignored", "rejected"]
     reason: str | None = None
     synced: int = 0

@@ -15,12 +15,12 @@ from datetime import timedelta
 from functools import partial
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
-from pydantic import ValidationError
 
 from broker.connection import connect, open_channel
 from broker.delivery import ack, nack, retry_while_held
 from broker.models import ChangeBatch, ResyncChange
 from broker.topology import device_queue_name
+from broker.wire import WireError, decode, quoted
 from device_agent.settings import AgentSettings
 from device_agent.store import OfflineStore
 
@@ -64,17 +64,21 @@ class DeviceAgent:
         batches, tombstones = await store.prune(timedelta(days=settings.prune_after_days))
         if batches or tombstones:
             log.info(
-                "store pruned device_id=%s applied_batches=%d tombstones=%d",
-                settings.device_id,
-                batches,
-                tombstones,
+                "store pruned",
+                extra={
+                    "device_id": settings.device_id,
+                    "applied_batches": batches,
+                    "tombstones": tombstones,
+                },
             )
         connection = await connect(settings.amqp_url, f"sync-agent:{settings.device_id}")
         channel = await open_channel(connection, prefetch=settings.prefetch)
         # Passive: the queue is created when the device is registered; the agent may
         # only consume it.
         queue = await channel.declare_queue(device_queue_name(settings.device_id), passive=True)
-        log.info("agent started device_id=%s db=%s", settings.device_id, settings.db_path)
+        log.info(
+            "agent started", extra={"device_id": settings.device_id, "db": str(settings.db_path)}
+        )
         return cls(settings, connection, queue, store, on_applied)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -95,7 +99,7 @@ class DeviceAgent:
         finally:
             await self._connection.close()
             await self._store.close()
-            log.info("agent stopped device_id=%s", self._settings.device_id)
+            log.info("agent stopped", extra={"device_id": self._settings.device_id})
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
         started = time.perf_counter()
@@ -112,13 +116,14 @@ class DeviceAgent:
         if applied and self._on_applied is not None:
             self._on_applied(batch)
         log.info(
-            "batch %s job_id=%s device_id=%s batch_id=%s changes=%d ms=%.1f",
-            "applied" if applied else "duplicate-skipped",
-            batch.job_id,
-            batch.device_id,
-            batch.batch_id,
-            len(batch.changes),
-            (time.perf_counter() - started) * 1000,
+            "batch applied" if applied else "batch skipped: applied before",
+            extra={
+                "job_id": batch.job_id,
+                "device_id": batch.device_id,
+                "batch_id": batch.batch_id,
+                "changes": len(batch.changes),
+                "ms": (time.perf_counter() - started) * 1000,
+            },
         )
 
     async def _apply(self, message: AbstractIncomingMessage, batch: ChangeBatch) -> bool | None:
@@ -136,7 +141,10 @@ class DeviceAgent:
             )
         except Exception:
             # A bug or a value SQLite cannot store: requeueing would loop forever.
-            log.exception("batch dropped batch_id=%s: cannot be applied", batch.batch_id)
+            log.exception(
+                "batch dropped: cannot be applied",
+                extra={"device_id": batch.device_id, "batch_id": batch.batch_id},
+            )
             await nack(message, requeue=False)
             return None
 
@@ -145,29 +153,35 @@ class DeviceAgent:
             if isinstance(change, ResyncChange):
                 # The store holds the flag for the app; this is for whoever runs the device.
                 log.warning(
-                    "device needs a full resync device_id=%s reason=%s since=%s",
-                    self._settings.device_id,
-                    change.reason,
-                    change.since.isoformat(),
+                    "device needs a full resync",
+                    extra={
+                        "device_id": self._settings.device_id,
+                        "reason": change.reason,
+                        "since": change.since.isoformat(),
+                    },
                 )
 
     def _parse(self, message: AbstractIncomingMessage) -> ChangeBatch | None:
         try:
-            batch = ChangeBatch.model_validate_json(message.body)
-        except ValidationError as error:
+            batch = decode(ChangeBatch, message.body)
+        except WireError as error:
             log.error(
-                "batch dropped device_id=%s message_id=%s: invalid change batch: %s",
-                self._settings.device_id,
-                message.message_id,
-                error.errors()[0]["msg"],
+                "batch dropped",
+                extra={
+                    "device_id": self._settings.device_id,
+                    "message_id": quoted(message.message_id),
+                    "reason": error.reason,
+                },
             )
             return None
         if batch.device_id != self._settings.device_id:
             log.error(
-                "batch dropped device_id=%s batch_id=%s: addressed to device %s",
-                self._settings.device_id,
-                batch.batch_id,
-                batch.device_id,
+                "batch dropped: addressed to another device",
+                extra={
+                    "device_id": self._settings.device_id,
+                    "batch_id": batch.batch_id,
+                    "addressed_to": batch.device_id,
+                },
             )
             return None
         return batch

@@ -49,7 +49,8 @@ def valid_members(entity: str, names: Iterable[str]) -> frozenset[str]:
     valid = frozenset(name for name in given if MEMBER_NAME.fullmatch(name))
     if skipped := sorted(given - valid):
         log.warning(
-            "entity %s: members %r are not valid member names, not in the view", entity, skipped
+            "members left out of the view: not valid member names",
+            extra={"entity": entity, "members": skipped},
         )
     return valid
 
@@ -124,7 +125,7 @@ class ViewCatalog:
             if known is not None and members <= known:
                 continue
             if not ENTITY_NAME.fullmatch(entity):
-                log.warning("entity %r: not a valid entity name, no view", entity)
+                log.warning("no view: not a valid entity name", extra={"entity": entity})
                 continue
             # Something is new: start from what the database holds, since another process
             # on the same file may have added members this one has not seen.
@@ -141,7 +142,9 @@ class ViewCatalog:
 
     async def _rebuild_view(self, entity: str, members: frozenset[str]) -> None:
         if not await self._view_name_free(entity):
-            log.warning("entity %s: its name is taken by another table or view, no view", entity)
+            log.warning(
+                "no view: the name is taken by another table or view", extra={"entity": entity}
+            )
             return
         await self._db.execute(f"DROP VIEW IF EXISTS {quoted(entity)}")
         await self._db.execute(view_sql(entity, members))

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from worker.model import ModelError, parse_model
+from worker.model import EXAMPLE_MODEL, ModelError, parse_model
 from worker.sql import quote_ident
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "field_service.yaml"
+EXAMPLE = EXAMPLE_MODEL
 
 
 def test_example_model_loads_with_its_offline_profile():

@@ -99,7 +99,7 @@ class Worker:
         await worker._consume(await channel.get_queue(JOBS_QUEUE.name), consumer.on_message)
         lost = LostBatchConsumer(pool)
         await worker._consume(await channel.get_queue(DEAD_CHANGES_QUEUE.name), lost.on_message)
-        log.info("worker started name=%s prefetch=%d", settings.name, settings.prefetch)
+        log.info("worker started", extra={"worker": settings.name, "prefetch": settings.prefetch})
         return worker
 
     async def _consume(self, queue: AbstractQueue, on_message: Callback) -> None:

@@ -8,25 +8,25 @@ where the quorum queue's delivery limit dead-letters a job that keeps failing.
 
 from __future__ import annotations
 
-import json
 import logging
+import re
 import time
 from functools import partial
 
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
-from pydantic import ValidationError
 
 from broker.accounts import device_of_account
 from broker.client import DIRECT_REPLY_TO
 from broker.delivery import ack, delivery_count, nack, retry_while_held
 from broker.errors import PUBLISH_FAILED, BrokerUnavailable, Refused
-from broker.models import SyncJob, SyncResult
+from broker.models import JOB_ID_PATTERN, SyncJob, SyncResult
 from broker.publishing import json_message, publish_confirmed
 from broker.topology import JOB_DELIVERY_LIMIT
+from broker.wire import WireError, decode
 from worker.errors import TRANSIENT_ERRORS, JobRejected
 from worker.handler import JobHandler
 
-__all__ = ["JobConsumer", "describe_invalid_job"]
+__all__ = ["JobConsumer", "job_id_of"]
 
 log = logging.getLogger(__name__)
 
@@ -35,16 +35,12 @@ REASON_HEADER = "x-sync-reason"
 USER_HEADER = "x-sync-user-id"
 
 
-def describe_invalid_job(body: bytes, error: ValidationError) -> str:
-    """A precise, stack-trace-free reason for a job body that is not a valid ``SyncJob``."""
-    first = error.errors()[0]
-    if first["type"] == "json_invalid":
-        return f"malformed-json: {first['msg']}"
-    where = ".".join(str(part) for part in first["loc"])
-    if where == "schema_version":
-        return f"unsupported-schema-version: {_peek_schema_version(body)!r}"
-    message = first["msg"].removeprefix("Value error, ")
-    return f"invalid-job: {where}: {message}" if where else f"invalid-job: {message}"
+def job_id_of(message: AbstractIncomingMessage) -> str:
+    """The job id to answer and log a message under, before its body is trusted: the
+    message id when it is a valid job id, else ``invalid-job-id`` (so it cannot forge
+    log lines or results)."""
+    candidate = message.message_id or message.correlation_id or ""
+    return candidate if re.fullmatch(JOB_ID_PATTERN, candidate) else "invalid-job-id"
 
 
 def _device(message: AbstractIncomingMessage, job: SyncJob | None) -> str:
@@ -53,14 +49,6 @@ def _device(message: AbstractIncomingMessage, job: SyncJob | None) -> str:
     if own is not None:
         return own
     return job.session.device_id if job else "unknown"
-
-
-def _peek_schema_version(body: bytes) -> object:
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return None
-    return data.get("schema_version") if isinstance(data, dict) else None
 
 
 class JobConsumer:
@@ -79,11 +67,10 @@ class JobConsumer:
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
         started = time.perf_counter()
-        job_id = message.message_id or message.correlation_id or "unknown"
         try:
-            job = SyncJob.model_validate_json(message.body)
-        except ValidationError as error:
-            await self._reject(message, job_id, describe_invalid_job(message.body, error))
+            job = decode(SyncJob, message.body)
+        except WireError as error:
+            await self._reject(message, job_id_of(message), error.reason)
             return
         try:
             result = await retry_while_held(
@@ -103,17 +90,18 @@ class JobConsumer:
         await self._reply(message, result)
         await ack(message)
         log.info(
-            "job done job_id=%s publisher=%s device_id=%s status=%s synced=%d removed=%d "
-            "skipped=%d batches=%d ms=%.1f",
-            job.job_id,
-            message.user_id,
-            _device(message, job),
-            result.status,
-            result.synced,
-            result.removed,
-            result.skipped,
-            len(result.batch_ids),
-            (time.perf_counter() - started) * 1000,
+            "job done",
+            extra={
+                "job_id": job.job_id,
+                "publisher": message.user_id,
+                "device_id": _device(message, job),
+                "status": result.status,
+                "synced": result.synced,
+                "removed": result.removed,
+                "skipped": result.skipped,
+                "batches": len(result.batch_ids),
+                "ms": (time.perf_counter() - started) * 1000,
+            },
         )
 
     async def _failed(
@@ -122,12 +110,14 @@ class JobConsumer:
         """A bug or a broken database, not bad input: try again, but not forever."""
         attempt = delivery_count(message) + 1
         log.error(
-            "job failed job_id=%s device_id=%s attempt=%d/%d",
-            job.job_id,
-            _device(message, job),
-            attempt,
-            JOB_DELIVERY_LIMIT,
+            "job failed",
             exc_info=error,
+            extra={
+                "job_id": job.job_id,
+                "device_id": _device(message, job),
+                "attempt": attempt,
+                "attempts": JOB_DELIVERY_LIMIT,
+            },
         )
         if attempt < JOB_DELIVERY_LIMIT:
             await nack(message, requeue=True)
@@ -155,13 +145,16 @@ class JobConsumer:
                 self._dead_jobs, [dead], routing_key="", timeout=self._publish_timeout, window=1
             )
         except (BrokerUnavailable, Refused):
-            log.warning("job %s: dead-letter publish failed; returned to the queue", job_id)
+            log.warning(
+                "dead-letter publish failed; job returned to the queue", extra={"job_id": job_id}
+            )
             await nack(message, requeue=True)
             return
         await self._reply(message, SyncResult(job_id=job_id, status="rejected", reason=reason))
         await ack(message)
         log.info(
-            "job rejected job_id=%s device_id=%s reason=%s", job_id, _device(message, job), reason
+            "job rejected",
+            extra={"job_id": job_id, "device_id": _device(message, job), "reason": reason},
         )
 
     async def _reply(self, message: AbstractIncomingMessage, result: SyncResult) -> None:
@@ -171,9 +164,8 @@ class JobConsumer:
             # The worker publishes with the operator's rights: a reply_to naming a queue
             # would let a device drop messages into any queue (another device's, say).
             log.warning(
-                "result for job %s not sent: reply_to %r is not direct reply-to",
-                result.job_id,
-                message.reply_to,
+                "result not sent: reply_to is not direct reply-to",
+                extra={"job_id": result.job_id, "reply_to": message.reply_to},
             )
             return
         reply = json_message(
@@ -185,4 +177,4 @@ class JobConsumer:
                 reply, message.reply_to, mandatory=False, timeout=self._publish_timeout
             )
         except PUBLISH_FAILED as error:
-            log.warning("result for job %s not sent: %r", result.job_id, error)
+            log.warning("result not sent", extra={"job_id": result.job_id, "error": repr(error)})

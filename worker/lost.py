@@ -45,7 +45,10 @@ class LostBatchConsumer:
     async def on_message(self, message: AbstractIncomingMessage) -> None:
         lost = lost_device(message)
         if lost is None:
-            log.error("dead-lettered message %s names no device queue", message.message_id)
+            log.error(
+                "dead-lettered batch names no device queue",
+                extra={"message_id": message.message_id},
+            )
             await ack(message)
             return
         device_id, reason = lost
@@ -63,10 +66,8 @@ class LostBatchConsumer:
             return
         await ack(message)
         log.warning(
-            "batch lost device_id=%s batch_id=%s reason=%s: device marked for resync",
-            device_id,
-            message.message_id,
-            reason,
+            "batch lost; device marked for resync",
+            extra={"device_id": device_id, "batch_id": message.message_id, "reason": reason},
         )
 
     async def _failed(
@@ -76,21 +77,22 @@ class LostBatchConsumer:
         times, then give up loudly rather than loop forever."""
         attempt = delivery_count(message) + 1
         log.error(
-            "lost batch %s: device_id=%s not marked for resync, attempt %d/%d",
-            message.message_id,
-            device_id,
-            attempt,
-            MARK_ATTEMPTS,
+            "lost batch: device not marked for resync",
             exc_info=error,
+            extra={
+                "device_id": device_id,
+                "batch_id": message.message_id,
+                "attempt": attempt,
+                "attempts": MARK_ATTEMPTS,
+            },
         )
         if attempt < MARK_ATTEMPTS:
             await asyncio.sleep(MARK_RETRY_DELAY)
             await nack(message, requeue=True)
             return
         log.error(
-            "lost batch %s: giving up; device_id=%s must resync everything by hand",
-            message.message_id,
-            device_id,
+            "lost batch: giving up; the device must resync everything by hand",
+            extra={"device_id": device_id, "batch_id": message.message_id},
         )
         await ack(message)
 

@@ -8,6 +8,7 @@ with the position of the mistake (``entities.WorkOrder.access[0].read[1]: ...``)
 from __future__ import annotations
 
 import asyncio
+from importlib.resources import files
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -19,6 +20,7 @@ from worker.rules import ConstraintError, Parameters, compile_constraint
 from worker.system import FILE_ENTITIES, SYSTEM_ENTITIES, USER_ENTITY
 
 __all__ = [
+    "EXAMPLE_MODEL",
     "FILE_ENTITIES",
     "USER_ENTITY",
     "AccessRule",
@@ -29,6 +31,10 @@ __all__ = [
     "load_model",
     "parse_model",
 ]
+
+# The field-service example ships inside the package: the demo runs on it, and
+# `syncctl model example` prints it as a starting point for a model of one's own.
+EXAMPLE_MODEL = Path(str(files("worker") / "examples" / "field_service.yaml"))
 
 TABLE_PATTERN = r"^([a-z_][a-z0-9_]{0,62}\.)?[a-z_][a-z0-9_]{0,62}$"
 COLUMN_PATTERN = r"^[a-z_][a-z0-9_]{0,62}$"
