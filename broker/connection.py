@@ -2,21 +2,60 @@
 
 from __future__ import annotations
 
+from urllib.parse import unquote, urlsplit
+
 import aio_pika
+import aiormq
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 
-__all__ = ["connect", "open_channel"]
+from broker.errors import AccessRefused, BrokerUnavailable, ConfigurationError
+
+__all__ = ["CONNECT_TIMEOUT", "connect", "open_channel", "where"]
+
+# A broker that does not answer within this long is reported as out of reach.
+CONNECT_TIMEOUT = 10.0
+
+
+def where(url: str) -> str:
+    """``host:port`` of a service URL, for messages: never the password."""
+    parts = urlsplit(url)
+    return f"{parts.hostname}:{parts.port}" if parts.port else str(parts.hostname)
+
+
+def _checked(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+        raise ConfigurationError(
+            "not an AMQP URL (expected amqp://user:password@host:port/vhost): "
+            f"scheme {parts.scheme or 'missing'!r}, host {parts.hostname or 'missing'!r}"
+        )
+    return url
 
 
 async def connect(url: str, name: str) -> AbstractRobustConnection:
     """A robust connection named ``name`` in the broker's connection list.
 
     The robust connection reconnects by itself and replays the declarations and
-    consumers made on it; nothing else in the project retries connections.
+    consumers made on it; nothing else in the project retries connections. The first
+    connection does not retry: a wrong URL, a refused login or a broker out of reach
+    raise ``ConfigurationError``, ``AccessRefused`` or ``BrokerUnavailable`` at once.
     """
-    return await aio_pika.connect_robust(
-        url, client_properties={"connection_name": name}, reconnect_interval=1.0
-    )
+    try:
+        return await aio_pika.connect_robust(
+            _checked(url),
+            client_properties={"connection_name": name},
+            reconnect_interval=1.0,
+            timeout=CONNECT_TIMEOUT,
+        )
+    except aiormq.exceptions.ProbableAuthenticationError:
+        user = unquote(urlsplit(url).username or "guest")
+        raise AccessRefused(
+            f"RabbitMQ at {where(url)} refused the login of {user!r}: check the user and "
+            "its password (a device logs in as device.<id> with the secret `syncctl device "
+            "add` printed)"
+        ) from None
+    except (aiormq.exceptions.AMQPError, OSError, TimeoutError) as error:
+        raise BrokerUnavailable(f"cannot reach RabbitMQ at {where(url)}: {error!r}") from None
 
 
 async def open_channel(

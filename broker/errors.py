@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import aiormq
 
-__all__ = ["CHANNEL_GONE", "PUBLISH_FAILED", "BrokerUnavailable", "Refused", "Unroutable"]
+__all__ = [
+    "CHANNEL_GONE",
+    "PUBLISH_FAILED",
+    "AccessRefused",
+    "BrokerUnavailable",
+    "ConfigurationError",
+    "ProgramError",
+    "Refused",
+    "Unroutable",
+]
 
 # What acking, nacking or publishing raises once the channel or connection is gone. The
 # broker then requeues the delivery by itself, so the right response is to let go of it.
@@ -17,8 +26,28 @@ CHANNEL_GONE: tuple[type[BaseException], ...] = (
 PUBLISH_FAILED: tuple[type[BaseException], ...] = (TimeoutError, *CHANNEL_GONE)
 
 
-class BrokerUnavailable(Exception):
-    """Transient: a publish was not confirmed in time, nacked, or the connection is gone."""
+class ProgramError(Exception):
+    """Ends a program with this message for its operator, never a traceback.
+
+    ``status`` is the exit status: 2 for a wrong setting or usage, 1 for a failure.
+    """
+
+    status = 1
+
+
+class ConfigurationError(ProgramError):
+    """Permanent: a setting is missing or wrong; the message says which and what to do."""
+
+    status = 2
+
+
+class AccessRefused(ProgramError):
+    """Permanent: a service refused the credentials, or the account may not do this."""
+
+
+class BrokerUnavailable(ProgramError):
+    """Transient: the broker is out of reach, a publish was not confirmed in time, or the
+    connection is gone."""
 
 
 class Unroutable(Exception):

@@ -45,7 +45,7 @@ def _text(value: object) -> str:
 class TextFormatter(logging.Formatter):
     """``time level logger event key=value ...``; the traceback, if any, follows."""
 
-    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+    def formatMessage(self, record: logging.LogRecord) -> str:
         line = super().formatMessage(record)
         return line + "".join(f" {key}={_text(value)}" for key, value in fields_of(record).items())
 

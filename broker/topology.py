@@ -9,7 +9,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue, ExchangeType
+import aiormq
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractExchange,
+    AbstractQueue,
+    ExchangeType,
+)
+from pamqp.commands import Queue
+
+from broker.errors import AccessRefused, ProgramError
 
 __all__ = [
     "CHANGES_EXCHANGE",
@@ -33,6 +43,7 @@ __all__ = [
     "delete_device_queue",
     "device_queue",
     "device_queue_name",
+    "existing_queue",
 ]
 
 # A job that fails this many deliveries is dead-lettered by the broker, so a poison job
@@ -157,3 +168,23 @@ async def declare_device_queue(
 
 async def delete_device_queue(channel: AbstractChannel, device_id: str) -> None:
     await channel.queue_delete(device_queue_name(device_id))
+
+
+async def existing_queue(
+    connection: AbstractConnection, name: str, *, hint: str
+) -> Queue.DeclareOk:
+    """Depth and consumers of the queue ``name`` as the operator declared it. A missing
+    queue raises ``ProgramError`` with ``hint``; one this account may not use raises
+    ``AccessRefused``.
+
+    The passive declare runs on a channel of its own: the broker closes the channel it
+    fails on, and no channel in use should go down with it.
+    """
+    try:
+        async with await connection.channel(publisher_confirms=False) as probe:
+            queue = await probe.declare_queue(name, passive=True)
+            return queue.declaration_result
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        raise ProgramError(f"queue {name} does not exist: {hint}") from None
+    except aiormq.exceptions.ChannelAccessRefused:
+        raise AccessRefused(f"this account may not use queue {name}") from None

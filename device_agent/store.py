@@ -256,7 +256,7 @@ class OfflineStore(AsyncClosable):
             await self._db.execute(
                 "INSERT INTO objects (entity, id, version, data, dirty) VALUES (?, ?, ?, ?, 1) "
                 "ON CONFLICT (entity, id) DO UPDATE SET data = excluded.data, dirty = 1",
-                (entity, object_id, version, json.dumps(merged)),
+                (entity, object_id, version, _to_json(merged)),
             )
             await self._delete_uncommitted([(entity, object_id)])
 
@@ -382,7 +382,7 @@ class OfflineStore(AsyncClosable):
                         "entity": c.entity,
                         "id": c.id,
                         "version": c.version,
-                        "data": json.dumps(c.data),
+                        "data": _to_json(c.data),
                     }
                     for c in upserts
                 ],
@@ -407,7 +407,7 @@ class OfflineStore(AsyncClosable):
     async def _set_members(self, entity: str, object_id: int, changes: dict[str, Any]) -> None:
         await self._db.executemany(
             _SET_MEMBER,
-            [(entity, object_id, member, json.dumps(value)) for member, value in changes.items()],
+            [(entity, object_id, member, _to_json(value)) for member, value in changes.items()],
         )
 
     async def _delete_uncommitted(self, keys: list[tuple[str, int]]) -> None:
@@ -474,6 +474,12 @@ class OfflineStore(AsyncClosable):
                 raise
             await self._db.execute("COMMIT")
             self._views.committed()
+
+
+def _to_json(value: object) -> str:
+    """JSON that SQLite's JSON functions can read back: NaN and Infinity are refused
+    (``ValueError``) rather than stored as text that breaks every read of the views."""
+    return json.dumps(value, allow_nan=False)
 
 
 def _row(object_id: int, data: str) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from broker.models import ENTITY_NAME_PATTERN, MEMBER_NAME_PATTERN, UpsertChange
 
 __all__ = [
     "ENTITY_NAME",
+    "MAX_VIEW_MEMBERS",
     "MEMBER_NAME",
     "ViewCatalog",
     "check_name",
@@ -37,6 +38,10 @@ MEMBER_NAME = re.compile(MEMBER_NAME_PATTERN)
 # The columns every view starts with; a member named like one of them (in any case) is
 # left out of the view, as is a second member differing only in case.
 _VIEW_COLUMNS = ("id", "version", "dirty")
+# SQLite refuses a result of more than 2,000 columns (SQLITE_MAX_COLUMN), and then every
+# read of the view fails. Past this many, members stay in ``objects.data`` only, readable
+# with ``get()``, ``query()`` and ``json_extract``; the first ones by name make the view.
+MAX_VIEW_MEMBERS = 1000
 
 
 def check_name(name: str, pattern: re.Pattern[str], what: str) -> None:
@@ -79,12 +84,21 @@ def view_sql(entity: str, members: Iterable[str]) -> str:
     """``CREATE VIEW "Entity" AS SELECT id, version, dirty, <members> FROM objects ...``"""
     columns = list(_VIEW_COLUMNS)
     taken = {column.lower() for column in columns}
+    left_out = 0
     for member in sorted(members):
         # SQLite column names ignore case; a clash would be renamed ("a:1") silently.
         if member.lower() in taken:
             continue
+        if len(taken) - len(_VIEW_COLUMNS) >= MAX_VIEW_MEMBERS:
+            left_out += 1
+            continue
         taken.add(member.lower())
         columns.append(f"json_extract(data, '{json_path(member)}') AS {quoted(member)}")
+    if left_out:
+        log.warning(
+            "members left out of the view: too many",
+            extra={"entity": entity, "left_out": left_out, "max_members": MAX_VIEW_MEMBERS},
+        )
     return (
         f"CREATE VIEW {quoted(entity)} AS SELECT {', '.join(columns)} "
         f"FROM objects WHERE entity = '{entity}'"

@@ -8,12 +8,13 @@ from urllib.parse import quote, unquote, urlsplit
 import httpx
 
 from broker.accounts import device_account, device_permissions
+from broker.errors import ProgramError
 
 __all__ = ["BrokerAccounts", "BrokerAccountsError"]
 
 
-class BrokerAccountsError(Exception):
-    """The management API refused a request; the message says which and why."""
+class BrokerAccountsError(ProgramError):
+    """The management API is out of reach or refused a request; the message says which."""
 
 
 class BrokerAccounts:
@@ -48,6 +49,25 @@ class BrokerAccounts:
             )
         return secret
 
+    async def check(self) -> None:
+        """Raise ``BrokerAccountsError`` unless the API answers and the operator's account
+        is an administrator, so a registration fails before it touches anything."""
+        async with self._client() as client:
+            response = await self._call(client, "GET", "/api/whoami")
+        tags = response.json().get("tags", [])
+        tags = tags.split(",") if isinstance(tags, str) else tags
+        if "administrator" not in tags:
+            raise BrokerAccountsError(
+                f"the management account {self._auth[0]!r} is not an administrator: it "
+                "cannot create device accounts"
+            )
+
+    async def has_device_account(self, device_id: str) -> bool:
+        user = quote(device_account(device_id), safe="")
+        async with self._client() as client:
+            response = await self._call(client, "GET", f"/api/users/{user}", missing_ok=True)
+        return response.status_code != 404
+
     async def delete_device_account(self, device_id: str) -> None:
         """Delete the device's AMQP user (its open connections are closed by the broker)."""
         user = quote(device_account(device_id), safe="")
@@ -65,12 +85,23 @@ class BrokerAccounts:
         body: dict[str, str] | None = None,
         *,
         missing_ok: bool = False,
-    ) -> None:
-        response = await client.request(method, path, json=body)
+    ) -> httpx.Response:
+        try:
+            response = await client.request(method, path, json=body)
+        except httpx.HTTPError as error:
+            raise BrokerAccountsError(
+                f"cannot reach the RabbitMQ management API at {self._base} "
+                f"(SYNC_MANAGEMENT_URL): {error!r}"
+            ) from None
         if response.status_code == 404 and missing_ok:
-            return
+            return response
+        if response.status_code == 401:
+            raise BrokerAccountsError(
+                f"the management API at {self._base} refused the login of {self._auth[0]!r}"
+            )
         if response.is_error:
             # The path names the account, never the secret, so the message is safe to log.
             raise BrokerAccountsError(
                 f"{method} {path}: {response.status_code} {response.text[:200]}"
             )
+        return response

@@ -1,55 +1,131 @@
-"""``syncctl``: set up the database and topology, manage devices, sync, status, demo."""
+"""``syncctl``: set up the database and topology, manage devices and roles, sync, status."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
+import re
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import asyncpg
-from aio_pika.abc import AbstractChannel
+from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 
 from broker.accounts import device_account
 from broker.client import SyncClient
 from broker.connection import connect, open_channel
-from broker.models import ObjectRef, Session
-from broker.runtime import configure_logging, given_flags
-from broker.topology import DEAD_JOBS_QUEUE, JOBS_QUEUE, declare_topology
+from broker.errors import ProgramError
+from broker.logs import configure_logging
+from broker.models import DEVICE_ID_PATTERN, MEMBER_NAME_PATTERN, ObjectRef, Session
+from broker.runtime import given_flags, run_program
+from broker.settings import load_settings
+from broker.topology import (
+    DEAD_CHANGES_QUEUE,
+    DEAD_JOBS_QUEUE,
+    JOBS_QUEUE,
+    declare_topology,
+    device_queue_name,
+    existing_queue,
+)
+from broker.wire import MESSAGES, json_schema
 from syncctl.accounts import BrokerAccounts
-from syncctl.devices import list_devices, register_device, unregister_device
-from worker.model import ModelError, load_model
+from syncctl.devices import (
+    MAX_USER_ID,
+    find_device,
+    list_devices,
+    register_device,
+    unregister_device,
+)
+from syncctl.roles import set_user_roles, user_roles
+from worker.database import connect as connect_database
+from worker.model import EXAMPLE_MODEL, load_model
 from worker.schema import create_worker_role, init_database
 from worker.settings import ServerSettings
 
 __all__ = ["main"]
 
+Command = Callable[[argparse.Namespace, ServerSettings], Awaitable[int]]
+_TOPOLOGY_HINT = "run `syncctl topology declare`"
+
 
 @asynccontextmanager
-async def _channel(settings: ServerSettings) -> AsyncIterator[AbstractChannel]:
+async def _database(settings: ServerSettings) -> AsyncIterator[asyncpg.Connection]:
+    conn = await connect_database(settings.database_url)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@asynccontextmanager
+async def _broker(
+    settings: ServerSettings,
+) -> AsyncIterator[tuple[AbstractRobustConnection, AbstractRobustChannel]]:
     connection = await connect(settings.amqp_url, "syncctl")
     async with connection:
-        yield await open_channel(connection)
+        yield connection, await open_channel(connection)
 
 
 def _accounts(settings: ServerSettings) -> BrokerAccounts:
     return BrokerAccounts(settings.management_url, settings.amqp_url)
 
 
-async def db_init(args: argparse.Namespace, settings: ServerSettings) -> int:
-    model = await load_model(settings.model)
-    conn = await asyncpg.connect(settings.database_url)
+# Argument types: bad input is a usage error (exit 2) with the expected form.
+
+
+def _ref(text: str) -> ObjectRef:
+    entity, _, object_id = text.partition(":")
+    if not re.fullmatch(r"[1-9][0-9]{0,18}", object_id) or int(object_id) > MAX_USER_ID:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected Entity:id with a positive integer id, e.g. WorkOrder:1"
+        )
     try:
+        return ObjectRef(entity, int(object_id))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: {entity!r} is not an entity name") from None
+
+
+def _device_id(text: str) -> str:
+    if not re.fullmatch(DEVICE_ID_PATTERN, text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a valid device id (letters, digits and _ . : -, at most 128)"
+        )
+    return text
+
+
+def _user_id(text: str) -> int:
+    if not re.fullmatch(r"[1-9][0-9]{0,18}", text) or int(text) > MAX_USER_ID:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a user id (a positive integer)")
+    return int(text)
+
+
+def _roles(text: str) -> list[str]:
+    roles = [role.strip() for role in text.split(",") if role.strip()]
+    for role in roles:
+        if not re.fullmatch(MEMBER_NAME_PATTERN, role):
+            raise argparse.ArgumentTypeError(f"{role!r} is not a role name")
+    return roles
+
+
+# Commands.
+
+
+async def db_init(args: argparse.Namespace, settings: ServerSettings) -> int:
+    model = await load_model(settings.model_path())
+    password = settings.worker_db_password
+    if args.worker_role and not password:
+        raise ProgramError("--worker-role needs the role's password in SYNC_WORKER_DB_PASSWORD")
+    async with _database(settings) as conn:
         tables = await init_database(conn, model, create_tables=args.create_tables)
-        if args.worker_role:
-            password = settings.worker_db_password
-            if not password:
-                print("--worker-role needs SYNC_WORKER_DB_PASSWORD", file=sys.stderr)
-                return 2
-            await create_worker_role(conn, model, args.worker_role, password)
-    finally:
-        await conn.close()
+        if args.worker_role and password:
+            try:
+                await create_worker_role(conn, model, args.worker_role, password)
+            except ValueError as error:
+                raise ProgramError(str(error)) from None
     print(f"sync schema ready; version trigger on {len(tables)} tables: {', '.join(tables)}")
     if args.worker_role:
         print(f"worker role {args.worker_role}: reads the app tables, writes no app data")
@@ -57,82 +133,155 @@ async def db_init(args: argparse.Namespace, settings: ServerSettings) -> int:
 
 
 async def topology_declare(args: argparse.Namespace, settings: ServerSettings) -> int:
-    async with _channel(settings) as channel:
+    async with _broker(settings) as (_, channel):
         await declare_topology(channel)
-    print("topology declared: sync.jobs, sync.jobs.dead, sync.changes")
+    print("topology declared: sync.jobs, sync.jobs.dead, sync.changes, sync.changes.dead")
     return 0
 
 
+async def _write_secret(path: Path, secret: str) -> None:
+    def write() -> None:
+        # Created private: the secret never exists on disk with wider permissions.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as file:
+            file.write(secret + "\n")
+        path.chmod(0o600)
+
+    await asyncio.to_thread(write)
+
+
 async def device_add(args: argparse.Namespace, settings: ServerSettings) -> int:
-    conn = await asyncpg.connect(settings.database_url)
-    try:
-        async with _channel(settings) as channel:
-            secret = await register_device(
-                conn, channel, _accounts(settings), args.device, args.user, offline=not args.online
-            )
-    except ValueError as error:
-        print(error, file=sys.stderr)
-        return 2
-    finally:
-        await conn.close()
+    async with _database(settings) as conn, _broker(settings) as (_, channel):
+        secret = await register_device(
+            conn,
+            channel,
+            _accounts(settings),
+            args.device,
+            args.user,
+            offline=not args.online,
+            if_missing=args.if_missing,
+        )
+    if secret is None:
+        print(f"device {args.device} is registered already; its secret is kept")
+        return 0
     print(f"device {args.device} registered for user {args.user}")
-    # Printed once, to stdout only: the device's agent and app log in with it.
-    print(f"amqp user: {device_account(args.device)}\namqp secret: {secret}")
+    print(f"amqp user: {device_account(args.device)}")
+    if args.secret_file:
+        await _write_secret(Path(args.secret_file), secret)
+        print(f"amqp secret: written to {args.secret_file}")
+    else:
+        # Printed once, to stdout only: the device's agent and app log in with it.
+        print(f"amqp secret: {secret}")
     return 0
 
 
 async def device_remove(args: argparse.Namespace, settings: ServerSettings) -> int:
-    conn = await asyncpg.connect(settings.database_url)
-    try:
-        async with _channel(settings) as channel:
-            found = await unregister_device(conn, channel, _accounts(settings), args.device)
-    finally:
-        await conn.close()
+    async with _database(settings) as conn, _broker(settings) as (_, channel):
+        found = await unregister_device(conn, channel, _accounts(settings), args.device)
     print(f"device {args.device} {'removed' if found else 'was not registered'}")
     return 0 if found else 1
 
 
+def _device_line(device: asyncpg.Record) -> str:
+    line = f"{device['device_id']}\tuser={device['user_id']}\t"
+    line += "offline" if device["offline"] else "online"
+    if device["resync_reason"]:
+        line += f"\tneeds-resync={device['resync_reason']} since {device['resync_since']}"
+    return line
+
+
 async def device_list(args: argparse.Namespace, settings: ServerSettings) -> int:
-    conn = await asyncpg.connect(settings.database_url)
-    try:
+    async with _database(settings) as conn:
         for device in await list_devices(conn):
-            line = f"{device['device_id']}\tuser={device['user_id']}\t"
-            line += "offline" if device["offline"] else "online"
-            if device["resync_reason"]:
-                line += f"\tneeds-resync={device['resync_reason']} since {device['resync_since']}"
-            print(line)
-    finally:
-        await conn.close()
+            print(_device_line(device))
     return 0
 
 
-def _ref(text: str) -> ObjectRef:
-    entity, _, object_id = text.partition(":")
-    return ObjectRef(entity, int(object_id))
+async def device_show(args: argparse.Namespace, settings: ServerSettings) -> int:
+    async with _database(settings) as conn:
+        device = await find_device(conn, args.device)
+    if device is None:
+        print(f"device {args.device} is not registered", file=sys.stderr)
+        return 1
+    print(f"device: {device['device_id']}")
+    print(f"user: {device['user_id']}")
+    print(f"app: {'offline' if device['offline'] else 'online'}")
+    print(f"registered: {device['registered_at'].isoformat()}")
+    resync = device["resync_reason"]
+    print(f"needs resync: {f'{resync} since {device['resync_since']}' if resync else 'no'}")
+    print(f"amqp user: {device_account(args.device)}")
+    if device["offline"]:
+        async with _broker(settings) as (connection, _):
+            queue = await existing_queue(
+                connection,
+                device_queue_name(args.device),
+                hint=f"register the device again: syncctl device add {args.device} --user N",
+            )
+        print(f"queue: {device_queue_name(args.device)}")
+        print(f"queue depth: {queue.message_count} batches")
+        print(f"agents connected: {queue.consumer_count}")
+    return 0
+
+
+async def roles(args: argparse.Namespace, settings: ServerSettings) -> int:
+    async with _database(settings) as conn:
+        if args.set is not None:
+            await set_user_roles(conn, args.user_id, args.set)
+        found = await user_roles(conn, args.user_id)
+    print(f"user {args.user_id}: {', '.join(found) if found else '(no roles)'}")
+    return 0
+
+
+async def model_example(args: argparse.Namespace, settings: ServerSettings) -> int:
+    print(await asyncio.to_thread(EXAMPLE_MODEL.read_text, encoding="utf-8"), end="")
+    return 0
+
+
+async def schema(args: argparse.Namespace, settings: ServerSettings) -> int:
+    print(json.dumps(json_schema(args.message), indent=2))
+    return 0
+
+
+async def _no_result(settings: ServerSettings, job_id: str, timeout: float) -> ProgramError:
+    """Why a result may not have come, from what the jobs queue shows."""
+    async with _broker(settings) as (connection, _):
+        jobs = await existing_queue(connection, JOBS_QUEUE.name, hint=_TOPOLOGY_HINT)
+    advice = (
+        "no worker is consuming it: start sync-worker"
+        if jobs.consumer_count == 0
+        else "the workers may be busy or unable to reach PostgreSQL: see their logs"
+    )
+    return ProgramError(
+        f"no result for job {job_id} within {timeout:g}s; it was sent and may still run. "
+        f"{JOBS_QUEUE.name} holds {jobs.message_count} jobs for {jobs.consumer_count} "
+        f"consumers: {advice}. Retrying with --job-id {job_id} is safe."
+    )
 
 
 async def sync(args: argparse.Namespace, settings: ServerSettings) -> int:
+    job_id = args.job_id or SyncClient.new_job_id()
     async with await SyncClient.connect(settings.amqp_url, name="syncctl") as client:
-        result = await client.synchronize_to_device(
-            Session(user_id=args.user, device_id=args.device),
-            objects=[_ref(text) for text in args.objects],
-            deleted=[_ref(text) for text in args.deleted],
-            new=[_ref(text) for text in args.new],
-            origin=args.origin,
-            timeout=args.timeout,
-        )
+        try:
+            result = await client.synchronize_to_device(
+                Session(user_id=args.user, device_id=args.device),
+                objects=args.objects,
+                deleted=args.deleted,
+                new=args.new,
+                origin=args.origin,
+                timeout=args.timeout,
+                job_id=job_id,
+            )
+        except TimeoutError:
+            raise await _no_result(settings, job_id, args.timeout) from None
     print(result.model_dump_json(indent=2))
     return 0 if result.status != "rejected" else 1
 
 
 async def status(args: argparse.Namespace, settings: ServerSettings) -> int:
-    async with _channel(settings) as channel:
-        for name in (JOBS_QUEUE.name, DEAD_JOBS_QUEUE.name):
-            queue = await channel.declare_queue(name, passive=True)
-            print(
-                f"{name}\tmessages={queue.declaration_result.message_count}"
-                f"\tconsumers={queue.declaration_result.consumer_count}"
-            )
+    async with _broker(settings) as (connection, _):
+        for name in (JOBS_QUEUE.name, DEAD_JOBS_QUEUE.name, DEAD_CHANGES_QUEUE.name):
+            queue = await existing_queue(connection, name, hint=_TOPOLOGY_HINT)
+            print(f"{name}\tmessages={queue.message_count}\tconsumers={queue.consumer_count}")
     return 0
 
 
@@ -141,71 +290,3 @@ async def demo(args: argparse.Namespace, settings: ServerSettings) -> int:
 
     await run_demo(settings, workdir=args.workdir)
     return 0
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="syncctl", description=__doc__)
-    parser.add_argument("--amqp-url", help="RabbitMQ URL (SYNC_AMQP_URL)")
-    parser.add_argument("--database-url", help="PostgreSQL URL (SYNC_DATABASE_URL)")
-    parser.add_argument("--model", help="domain model YAML file (SYNC_MODEL)")
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    db = commands.add_parser("db").add_subparsers(dest="action", required=True)
-    init = db.add_parser("init", help="create the sync schema and version triggers")
-    init.add_argument("--create-tables", action="store_true", help="create missing app tables")
-    init.add_argument(
-        "--worker-role",
-        metavar="NAME",
-        help="create the workers' read-only role; password from SYNC_WORKER_DB_PASSWORD",
-    )
-    init.set_defaults(run=db_init)
-
-    topology = commands.add_parser("topology").add_subparsers(dest="action", required=True)
-    topology.add_parser("declare", help="declare exchanges and queues").set_defaults(
-        run=topology_declare
-    )
-
-    device = commands.add_parser("device").add_subparsers(dest="action", required=True)
-    add = device.add_parser("add", help="register a device and create its queue")
-    add.add_argument("device")
-    add.add_argument("--user", type=int, required=True)
-    add.add_argument("--online", action="store_true", help="an online (not offline) app")
-    add.set_defaults(run=device_add)
-    remove = device.add_parser("remove", help="unregister a device and delete its queue")
-    remove.add_argument("device")
-    remove.set_defaults(run=device_remove)
-    device.add_parser("list", help="list registered devices").set_defaults(run=device_list)
-
-    call = commands.add_parser("sync", help="synchronize objects to a device and print the result")
-    call.add_argument("--user", type=int, required=True)
-    call.add_argument("--device", required=True)
-    call.add_argument("objects", nargs="*", metavar="Entity:id")
-    call.add_argument("--deleted", nargs="*", default=[], metavar="Entity:id")
-    call.add_argument("--new", nargs="*", default=[], metavar="Entity:id")
-    call.add_argument("--origin", choices=["nanoflow", "event"], default="nanoflow")
-    call.add_argument("--timeout", type=float, default=10.0)
-    call.set_defaults(run=sync)
-
-    commands.add_parser("status", help="queue depths").set_defaults(run=status)
-
-    run_demo = commands.add_parser("demo", help="run the whole pipeline on the local services")
-    run_demo.add_argument("--workdir", default=".services/demo", help="where device DBs go")
-    run_demo.set_defaults(run=demo)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
-    configure_logging("WARNING")
-    flags = given_flags(args, commands=("command", "action", "run"))
-    settings = ServerSettings(
-        **{k: v for k, v in flags.items() if k in ServerSettings.model_fields}
-    )
-    try:
-        sys.exit(asyncio.run(args.run(args, settings)))
-    except ModelError as error:
-        print(f"syncctl: bad model file: {error}", file=sys.stderr)
-        sys.exit(2)
-    except (OSError, asyncpg.PostgresError) as error:
-        print(f"syncctl: {error}", file=sys.stderr)
-        sys.exit(1)

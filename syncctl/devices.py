@@ -8,6 +8,7 @@ import re
 import asyncpg
 from aio_pika.abc import AbstractChannel
 
+from broker.errors import ConfigurationError
 from broker.models import DEVICE_ID_PATTERN
 from broker.topology import (
     DEFAULT_QUEUE_LIMITS,
@@ -17,7 +18,19 @@ from broker.topology import (
 )
 from syncctl.accounts import BrokerAccounts
 
-__all__ = ["list_devices", "register_device", "unregister_device"]
+__all__ = ["MAX_USER_ID", "find_device", "list_devices", "register_device", "unregister_device"]
+
+MAX_USER_ID = 2**63 - 1
+_DEVICE_COLUMNS = "device_id, user_id, offline, registered_at, resync_reason, resync_since"
+
+
+def _check(device_id: str, user_id: int) -> None:
+    if not re.fullmatch(DEVICE_ID_PATTERN, device_id):
+        raise ConfigurationError(
+            f"not a valid device id: {device_id!r} (must match {DEVICE_ID_PATTERN})"
+        )
+    if not 1 <= user_id <= MAX_USER_ID:
+        raise ConfigurationError(f"not a valid user id: {user_id} (must be 1 to {MAX_USER_ID})")
 
 
 async def register_device(
@@ -29,26 +42,43 @@ async def register_device(
     *,
     offline: bool = True,
     limits: QueueLimits = DEFAULT_QUEUE_LIMITS,
-) -> str:
+    if_missing: bool = False,
+) -> str | None:
     """Register (or re-register) a device for a user, create its queue and its account.
 
     The queue exists from registration on, so batches wait in it while the device is
     offline. Returns the account's new secret: the caller shows it once, never logs it.
-    Raises ``ValueError`` for an id that jobs and batches could never carry.
+    With ``if_missing``, a device already registered with its account keeps its secret
+    (its queue is declared again) and ``None`` is returned.
+
+    Everything is checked before anything is written (the id, the user, the management
+    API), and a registration that fails part-way leaves nothing half-made behind: the row
+    is rolled back and a queue made for a new device is deleted again.
     """
-    if not re.fullmatch(DEVICE_ID_PATTERN, device_id):
-        raise ValueError(f"not a valid device id: {device_id!r} (must match {DEVICE_ID_PATTERN})")
-    await conn.execute(
-        "INSERT INTO sync.device (device_id, user_id, offline) VALUES ($1, $2, $3) "
-        "ON CONFLICT (device_id) DO UPDATE SET user_id = excluded.user_id, "
-        "offline = excluded.offline",
-        device_id,
-        user_id,
-        offline,
-    )
-    if offline:
-        await declare_device_queue(channel, device_id, limits)
-    return await accounts.create_device_account(device_id)
+    _check(device_id, user_id)
+    await accounts.check()
+    known = await find_device(conn, device_id)
+    if if_missing and known is not None and await accounts.has_device_account(device_id):
+        if known["offline"]:
+            await declare_device_queue(channel, device_id, limits)
+        return None
+    async with conn.transaction():
+        await conn.execute(
+            "INSERT INTO sync.device (device_id, user_id, offline) VALUES ($1, $2, $3) "
+            "ON CONFLICT (device_id) DO UPDATE SET user_id = excluded.user_id, "
+            "offline = excluded.offline",
+            device_id,
+            user_id,
+            offline,
+        )
+        if offline:
+            await declare_device_queue(channel, device_id, limits)
+        try:
+            return await accounts.create_device_account(device_id)
+        except BaseException:
+            if known is None and offline:
+                await delete_device_queue(channel, device_id)
+            raise
 
 
 async def unregister_device(
@@ -62,10 +92,12 @@ async def unregister_device(
     return status != "DELETE 0"
 
 
-async def list_devices(conn: asyncpg.Connection) -> list[asyncpg.Record]:
-    return list(
-        await conn.fetch(
-            "SELECT device_id, user_id, offline, registered_at, resync_reason, resync_since "
-            "FROM sync.device ORDER BY device_id"
-        )
+async def find_device(conn: asyncpg.Connection, device_id: str) -> asyncpg.Record | None:
+    record: asyncpg.Record | None = await conn.fetchrow(
+        f"SELECT {_DEVICE_COLUMNS} FROM sync.device WHERE device_id = $1", device_id
     )
+    return record
+
+
+async def list_devices(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+    return list(await conn.fetch(f"SELECT {_DEVICE_COLUMNS} FROM sync.device ORDER BY device_id"))

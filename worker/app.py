@@ -19,10 +19,12 @@ from broker.topology import (
     declare_topology,
 )
 from worker.consumer import JobConsumer
+from worker.database import create_pool
 from worker.handler import JobHandler
 from worker.lost import LostBatchConsumer
 from worker.model import DomainModel, load_model
 from worker.publisher import BatchPublisher
+from worker.schema_check import check_schema
 from worker.settings import WorkerSettings
 
 __all__ = ["Worker", "run_worker"]
@@ -64,8 +66,8 @@ class Worker:
 
     @classmethod
     async def start(cls, settings: WorkerSettings, model: DomainModel | None = None) -> Worker:
-        model = model or await load_model(settings.model)
-        pool = await asyncpg.create_pool(
+        model = model or await load_model(settings.model_path())
+        pool = await create_pool(
             settings.database_url,
             min_size=1,
             # One per job in hand, plus the lost-batch consumer and a resync clear.
@@ -74,7 +76,13 @@ class Worker:
             server_settings={"jit": "off"},
             reset=_keep_connection_as_is,
         )
-        connection = await connect(settings.amqp_url, settings.name)
+        try:
+            async with pool.acquire() as conn:
+                await check_schema(conn, model)
+            connection = await connect(settings.amqp_url, settings.name)
+        except BaseException:
+            await pool.close()
+            raise
         channel = await open_channel(connection, prefetch=settings.prefetch)
         await declare_topology(channel)
         publisher = BatchPublisher(

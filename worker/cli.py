@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 
-import asyncpg
-
 from broker.connection import connect, open_channel
-from broker.runtime import configure_logging, given_flags, run_until_signal
+from broker.errors import ProgramError
+from broker.logs import configure_logging
+from broker.runtime import given_flags, run_program, until_signal
+from broker.settings import load_settings
 from broker.topology import JOBS_QUEUE
 from worker.app import run_worker
+from worker.database import connect as connect_database
+from worker.model import load_model
+from worker.schema_check import check_schema
 from worker.settings import WorkerSettings
 
 __all__ = ["main"]
@@ -24,34 +27,47 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", help="domain model YAML file (SYNC_MODEL)")
     parser.add_argument("--name", help="connection name shown by the broker")
     parser.add_argument("--prefetch", type=int, help="jobs in hand at once (SYNC_PREFETCH)")
-    parser.add_argument("--check", action="store_true", help="health check: exit 0 or 1")
+    parser.add_argument(
+        "--metrics-port", type=int, help="serve /metrics, /healthz, /readyz (SYNC_METRICS_PORT)"
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="health check: the model loads and matches the database, the broker answers; "
+        "exit 0 or 1",
+    )
     return parser
 
 
-def settings_from(args: argparse.Namespace) -> WorkerSettings:
-    return WorkerSettings(**given_flags(args))
-
-
-async def check(settings: WorkerSettings) -> bool:
-    """Can this worker reach PostgreSQL and the jobs queue?"""
+async def check(settings: WorkerSettings) -> int:
+    """Does the model load and match the database, and is the jobs queue there?"""
     try:
-        conn = await asyncpg.connect(settings.database_url, timeout=5)
-        await conn.close()
+        model = await load_model(settings.model_path())
+        conn = await connect_database(settings.database_url)
+        try:
+            await check_schema(conn, model)
+        finally:
+            await conn.close()
         connection = await connect(settings.amqp_url, f"{settings.name}:check")
         async with connection:
             channel = await open_channel(connection)
             await channel.declare_queue(JOBS_QUEUE.name, passive=True)
-    except Exception as error:  # any failure means unhealthy; say which
-        print(f"unhealthy: {error!r}", file=sys.stderr)
-        return False
+    except ProgramError as error:
+        print(f"unhealthy: {error}", file=sys.stderr)
+        return 1
     print("healthy")
-    return True
+    return 0
 
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    configure_logging()
-    settings = settings_from(args)
-    if args.check:
-        sys.exit(0 if asyncio.run(check(settings)) else 1)
-    run_until_signal(lambda stop: run_worker(settings, stop))
+
+    async def program() -> int:
+        settings = load_settings(WorkerSettings, **given_flags(args))
+        configure_logging(log_format=settings.log_format)
+        if args.check:
+            return await check(settings)
+        await until_signal(lambda stop: run_worker(settings, stop))
+        return 0
+
+    run_program("sync-worker", program)

@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from broker.errors import ConfigurationError
 from broker.models import ENTITY_NAME_PATTERN, MEMBER_NAME_PATTERN
 from worker.rules import ConstraintError, Parameters, compile_constraint
 from worker.system import FILE_ENTITIES, SYSTEM_ENTITIES, USER_ENTITY
@@ -47,7 +48,7 @@ RoleName = Annotated[str, Field(pattern=MEMBER_NAME_PATTERN)]
 AttributeType = Literal["string", "integer", "long", "decimal", "boolean", "datetime"]
 
 
-class ModelError(ValueError):
+class ModelError(ConfigurationError):
     """The model file is invalid; ``where`` is the position, e.g. ``entities.A.table``."""
 
     def __init__(self, source: str, where: str, message: str) -> None:
@@ -218,5 +219,9 @@ def parse_model(text: str, source: str = "<model>") -> DomainModel:
 
 async def load_model(path: str | Path) -> DomainModel:
     """Read and validate the model file at ``path`` without blocking the event loop."""
-    text = await asyncio.to_thread(Path(path).read_text, encoding="utf-8")
+    try:
+        text = await asyncio.to_thread(Path(path).read_text, encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
+        raise ModelError(str(path), "file", f"cannot read: {reason}") from None
     return parse_model(text, source=str(path))

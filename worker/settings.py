@@ -6,6 +6,7 @@ from pathlib import Path
 
 from pydantic import Field
 
+from broker.errors import ConfigurationError
 from broker.settings import BrokerSettings
 
 __all__ = ["ServerSettings", "WorkerSettings"]
@@ -15,11 +16,21 @@ class ServerSettings(BrokerSettings):
     """What every server-side program needs: the broker, the database and the model."""
 
     database_url: str = "postgresql://sync:sync@127.0.0.1:5433/sync"
-    model: Path = Path("examples/field_service.yaml")
+    # No default: a worker must never run on a model that is not the operator's own.
+    model: Path | None = None
     # RabbitMQ's management API, where syncctl creates and removes device accounts.
     management_url: str = "http://127.0.0.1:15673"
     # Password for the workers' read-only role, when `syncctl db init --worker-role` runs.
     worker_db_password: str | None = None
+
+    def model_path(self) -> Path:
+        """The model file; ``ConfigurationError`` when none was given."""
+        if self.model is None:
+            raise ConfigurationError(
+                "no model file: give --model PATH or set SYNC_MODEL "
+                "(`syncctl model example` prints an example to start from)"
+            )
+        return self.model
 
 
 class WorkerSettings(ServerSettings):

@@ -1,0 +1,101 @@
+"""Does the database hold what the model names? Checked when a worker starts, by
+``sync-worker --check`` and by ``/readyz``, so a model that does not match its database
+stops the worker at once, naming what is missing, instead of failing every job."""
+
+from __future__ import annotations
+
+import asyncpg
+
+from broker.errors import ProgramError
+from worker.model import AttributeType, DomainModel, Entity
+
+__all__ = ["SchemaMismatch", "check_schema", "schema_problems"]
+
+_INTEGERS = frozenset({"smallint", "integer", "bigint"})
+# information_schema.columns.data_type values a model type can be read from.
+_COMPATIBLE: dict[AttributeType, frozenset[str]] = {
+    "string": frozenset({"text", "character varying", "character"}),
+    "integer": _INTEGERS,
+    "long": _INTEGERS,
+    "decimal": _INTEGERS | {"numeric", "real", "double precision"},
+    "boolean": frozenset({"boolean"}),
+    "datetime": frozenset({"timestamp with time zone", "timestamp without time zone", "date"}),
+}
+# The columns every table has by convention (SPEC §2), and association columns.
+_CONVENTIONS = {"id": _INTEGERS, "version": frozenset({"bigint"}), "autocommitted": {"boolean"}}
+_SYNC_TABLES = {
+    "sync.device": ("device_id", "user_id", "offline"),
+    "sync.user_role": ("user_id", "role"),
+}
+
+_COLUMNS = """
+SELECT table_schema || '.' || table_name AS qualified, column_name, data_type
+FROM information_schema.columns
+WHERE table_schema || '.' || table_name = ANY($1::text[])
+"""
+
+
+class SchemaMismatch(ProgramError):
+    """The database lacks tables or columns the model names (the message lists them)."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("the model does not match the database:\n  " + "\n  ".join(problems))
+        self.problems = problems
+
+
+def _qualified(table: str) -> str:
+    return table if "." in table else f"public.{table}"
+
+
+def _expected(entity: Entity) -> dict[str, tuple[str, frozenset[str]]]:
+    """column -> (what the model calls it, the data types it may have)."""
+    expected = {name: (name, frozenset(types)) for name, types in _CONVENTIONS.items()}
+    for name, kind in entity.attributes.items():
+        expected[name] = (f"{name} ({kind})", _COMPATIBLE[kind])
+    for name, association in entity.associations.items():
+        expected[association.column] = (f"{name} (association)", _INTEGERS)
+    return expected
+
+
+def _entity_problems(name: str, entity: Entity, columns: dict[str, str] | None) -> list[str]:
+    assert entity.table is not None
+    if columns is None:
+        return [f"table {entity.table} of {name}: missing, or not readable by this role"]
+    problems = []
+    for column, (member, types) in _expected(entity).items():
+        found = columns.get(column)
+        if found is None:
+            problems.append(f"column {entity.table}.{column} for {name}.{member}: missing")
+        elif found not in types:
+            problems.append(
+                f"column {entity.table}.{column} for {name}.{member}: type {found} "
+                f"cannot hold it (expected {' or '.join(sorted(types))})"
+            )
+    return problems
+
+
+async def schema_problems(conn: asyncpg.Connection, model: DomainModel) -> list[str]:
+    """Everything the model names that the database lacks, one line each (empty: all is
+    there). Only what this role can read counts, as that is what a worker sees."""
+    tables = [_qualified(table) for table in model.tables]
+    records = await conn.fetch(_COLUMNS, [*tables, *_SYNC_TABLES])
+    found: dict[str, dict[str, str]] = {}
+    for record in records:
+        found.setdefault(record["qualified"], {})[record["column_name"]] = record["data_type"]
+    problems = [
+        f"table {table}: missing or not readable (run `syncctl db init`)"
+        for table, columns in _SYNC_TABLES.items()
+        if not set(columns) <= set(found.get(table, {}))
+    ]
+    for name, entity in model.entities.items():
+        if entity.persistable and entity.table is not None:
+            problems += _entity_problems(name, entity, found.get(_qualified(entity.table)))
+    return problems
+
+
+async def check_schema(conn: asyncpg.Connection, model: DomainModel) -> None:
+    """Raise ``SchemaMismatch`` unless every table and column the model names exists with a
+    compatible type."""
+    problems = await schema_problems(conn, model)
+    if problems:
+        raise SchemaMismatch(problems)
