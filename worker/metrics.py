@@ -1,0 +1,76 @@
+"""The worker's Prometheus metric families (SPEC §14), served by ``broker.health``.
+
+Call sites stay one line::
+
+    started = time.monotonic()
+    result = await handle(job)
+    record_job(result, time.monotonic() - started)
+
+    with DEVICE_LOCK_WAIT.time():
+        await take_device_lock(connection, device_id)
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from prometheus_client import Counter, Histogram
+
+from broker.models import SyncResult
+
+__all__ = [
+    "BATCHES_PUBLISHED",
+    "DEVICE_LOCK_WAIT",
+    "JOBS",
+    "JOB_DURATION",
+    "LOST_BATCHES",
+    "OBJECTS",
+    "JobStatus",
+    "record_failed_job",
+    "record_job",
+]
+
+# A SyncResult's status, or "failed": the job raised and was not answered.
+JobStatus = Literal["done", "ignored", "rejected", "failed"]
+_STATUSES: tuple[JobStatus, ...] = ("done", "ignored", "rejected", "failed")
+
+JOBS = Counter("sync_jobs_total", "Sync jobs handled, by final status.", ["status"])
+JOB_DURATION = Histogram(
+    "sync_job_duration_seconds",
+    "Time from taking a sync job to settling it.",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
+OBJECTS = Counter("sync_objects_total", "Objects considered by sync jobs, by outcome.", ["outcome"])
+BATCHES_PUBLISHED = Counter(
+    "sync_batches_published_total", "Change batches published to device queues and confirmed."
+)
+DEVICE_LOCK_WAIT = Histogram(
+    "sync_device_lock_wait_seconds",
+    "Time spent waiting for a device's advisory lock.",
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+LOST_BATCHES = Counter(
+    "sync_lost_batches_total", "Batches the broker dead-lettered from device queues."
+)
+
+# Every label value from the start, so a rate() over a quiet series reads 0, not nothing.
+for _status in _STATUSES:
+    JOBS.labels(status=_status)
+for _outcome in ("synced", "removed", "skipped"):
+    OBJECTS.labels(outcome=_outcome)
+
+
+def record_job(result: SyncResult, seconds: float) -> None:
+    """Counts an answered job: its status, its objects by outcome and its batches."""
+    JOBS.labels(status=result.status).inc()
+    JOB_DURATION.observe(seconds)
+    OBJECTS.labels(outcome="synced").inc(result.synced)
+    OBJECTS.labels(outcome="removed").inc(result.removed)
+    OBJECTS.labels(outcome="skipped").inc(result.skipped)
+    BATCHES_PUBLISHED.inc(len(result.batch_ids))
+
+
+def record_failed_job(seconds: float) -> None:
+    """Counts a job that raised instead of producing a SyncResult."""
+    JOBS.labels(status="failed").inc()
+    JOB_DURATION.observe(seconds)
