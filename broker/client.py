@@ -101,6 +101,11 @@ class SyncClient(AsyncClosable):
                     BrokerUnavailable("connection to the broker lost before the result came")
                 )
 
+    @staticmethod
+    def new_job_id() -> str:
+        """A fresh job id (32 hex digits)."""
+        return uuid.uuid4().hex
+
     async def close(self) -> None:
         self._fail_pending()
         await self._connection.close()
@@ -118,6 +123,7 @@ class SyncClient(AsyncClosable):
         origin: Origin = "nanoflow",
         wait: Literal[True] = True,
         timeout: float = 10.0,
+        job_id: str | None = None,
     ) -> SyncResult: ...
 
     @overload
@@ -133,6 +139,7 @@ class SyncClient(AsyncClosable):
         origin: Origin = "nanoflow",
         wait: Literal[False],
         timeout: float = 10.0,
+        job_id: str | None = None,
     ) -> str: ...
 
     async def synchronize_to_device(
@@ -147,15 +154,16 @@ class SyncClient(AsyncClosable):
         origin: Origin = "nanoflow",
         wait: bool = True,
         timeout: float = 10.0,
+        job_id: str | None = None,
     ) -> SyncResult | str:
         """Ask to synchronize objects and lists to the session's device.
 
         With ``wait=True`` returns the worker's ``SyncResult`` (raises ``TimeoutError``
         after ``timeout`` seconds); otherwise returns the job id once the broker has
-        the job.
+        the job. ``job_id`` names the job (default: a new one from ``new_job_id()``).
         """
         job = SyncJob(
-            job_id=uuid.uuid4().hex,
+            job_id=job_id or self.new_job_id(),
             session=session,
             origin=origin,
             objects=tuple(objects),

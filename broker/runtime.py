@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import signal
 import sys
@@ -11,7 +10,7 @@ from typing import Any, NoReturn
 
 from broker.errors import ProgramError
 
-__all__ = ["given_flags", "run_program", "until_signal"]
+__all__ = ["run_program", "until_signal"]
 
 
 def run_program(prog: str, main: Callable[[], Coroutine[Any, Any, int | None]]) -> NoReturn:
@@ -39,11 +38,3 @@ async def until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> None
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await main(stop)
-
-
-def given_flags(
-    args: argparse.Namespace, *, commands: tuple[str, ...] = ("check",)
-) -> dict[str, Any]:
-    """The flags given on the command line, as settings overrides (unset ones fall back to
-    the environment)."""
-    return {k: v for k, v in vars(args).items() if v is not None and k not in commands}

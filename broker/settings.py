@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+import argparse
+from typing import TypeVar
 
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -24,20 +25,27 @@ class BrokerSettings(BaseSettings):
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
 
 
-def load_settings(cls: type[S], **flags: Any) -> S:
-    """``cls`` from the given flags and ``SYNC_*`` variables; a missing or wrong value
-    raises ``ConfigurationError`` naming the setting and its variable.
+def load_settings(cls: type[S], args: argparse.Namespace, parser: argparse.ArgumentParser) -> S:
+    """``cls`` from the flags given in ``args`` and ``SYNC_*`` variables; a missing or
+    wrong value raises ``ConfigurationError`` naming its flag and variable.
 
     Example::
 
-        settings = load_settings(WorkerSettings, prefetch=32)
+        settings = load_settings(WorkerSettings, parser.parse_args(), parser)
     """
+    given = {
+        name: value
+        for name, value in vars(args).items()
+        if value is not None and name in cls.model_fields
+    }
     try:
-        return cls(**flags)
+        return cls(**given)
     except ValidationError as error:
         first = error.errors()[0]
         name = str(first["loc"][0]) if first["loc"] else "?"
+        flags = [
+            a.option_strings[0] for a in parser._actions if a.dest == name and a.option_strings
+        ]
+        where = f"{flags[0]} or SYNC_{name.upper()}" if flags else f"SYNC_{name.upper()}"
         message = first["msg"].removeprefix("Value error, ")
-        raise ConfigurationError(
-            f"setting {name} (--{name.replace('_', '-')} or SYNC_{name.upper()}): {message}"
-        ) from None
+        raise ConfigurationError(f"setting {name} ({where}): {message}") from None

@@ -10,16 +10,20 @@ import asyncio
 import logging
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from contextlib import suppress
 from datetime import timedelta
 from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 
 from broker.connection import connect, open_channel
 from broker.delivery import ack, nack, retry_while_held
+from broker.errors import ProgramError
 from broker.models import ChangeBatch, ResyncChange
-from broker.topology import device_queue_name
+from broker.topology import device_queue_name, existing_queue
 from broker.wire import WireError, decode, quoted
 from device_agent.settings import AgentSettings
 from device_agent.store import OfflineStore
@@ -29,6 +33,56 @@ __all__ = ["DeviceAgent"]
 log = logging.getLogger(__name__)
 
 OnApplied = Callable[[ChangeBatch], None]
+T = TypeVar("T")
+
+
+async def open_store(path: Path) -> OfflineStore:
+    """The device's store; ``ProgramError`` when SQLite cannot open or write the file."""
+    try:
+        return await OfflineStore.open(path)
+    except (sqlite3.Error, OSError) as error:
+        raise ProgramError(f"cannot open the device database {path}: {error}") from None
+
+
+async def device_queue(
+    connection: AbstractRobustConnection, settings: AgentSettings
+) -> AbstractQueue:
+    """The device's queue, checked first on a channel of its own (a missing queue, or one
+    this account may not read, raises ``ProgramError`` without taking the agent's channel
+    down), then declared passively on the agent's channel, which restores its consumer
+    after a reconnect."""
+    name = device_queue_name(settings.device_id)
+    await existing_queue(
+        connection,
+        name,
+        hint=f"is device {settings.device_id} registered? (syncctl device add "
+        f"{settings.device_id} --user N)",
+    )
+    channel = await open_channel(connection, prefetch=settings.prefetch)
+    # Passive: the queue is created when the device is registered; the agent may only
+    # consume it.
+    return await channel.declare_queue(name, passive=True)
+
+
+async def _unless_stopped(
+    work: Coroutine[Any, Any, T], stop: asyncio.Event, *, grace: float = 0.0
+) -> T | None:
+    """``work``'s result; or, once ``stop`` is set and ``grace`` seconds more have passed,
+    ``None`` with ``work`` cancelled."""
+    task = asyncio.ensure_future(work)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            await asyncio.wait({task}, timeout=grace)
+        if task.done():
+            return task.result()
+        task.cancel()
+        with suppress(asyncio.CancelledError):
+            await task
+        return None
+    finally:
+        stopping.cancel()
 
 
 class DeviceAgent:
@@ -59,9 +113,18 @@ class DeviceAgent:
         cls, settings: AgentSettings, *, on_applied: OnApplied | None = None
     ) -> DeviceAgent:
         """Connect and open the store; ``on_applied`` is called with each batch once it is
-        committed (an app refreshes its screens there; benchmarks time it)."""
-        store = await OfflineStore.open(settings.db_path)
-        batches, tombstones = await store.prune(timedelta(days=settings.prune_after_days))
+        committed (an app refreshes its screens there; benchmarks time it).
+
+        Raises ``ProgramError`` when the agent cannot work: the database cannot be opened
+        or written, the broker refuses the login, or the device has no queue.
+        """
+        store = await open_store(settings.db_path)
+        try:
+            batches, tombstones = await store.prune(timedelta(days=settings.prune_after_days))
+            connection = await connect(settings.amqp_url, f"sync-agent:{settings.device_id}")
+        except BaseException:
+            await store.close()
+            raise
         if batches or tombstones:
             log.info(
                 "store pruned",
@@ -71,31 +134,37 @@ class DeviceAgent:
                     "tombstones": tombstones,
                 },
             )
-        connection = await connect(settings.amqp_url, f"sync-agent:{settings.device_id}")
-        channel = await open_channel(connection, prefetch=settings.prefetch)
-        # Passive: the queue is created when the device is registered; the agent may
-        # only consume it.
-        queue = await channel.declare_queue(device_queue_name(settings.device_id), passive=True)
+        try:
+            queue = await device_queue(connection, settings)
+        except BaseException:
+            await connection.close()
+            await store.close()
+            raise
         log.info(
             "agent started", extra={"device_id": settings.device_id, "db": str(settings.db_path)}
         )
         return cls(settings, connection, queue, store, on_applied)
 
+    @property
+    def connection(self) -> AbstractRobustConnection:
+        return self._connection
+
     async def run(self, stop: asyncio.Event) -> None:
-        """Apply batches in delivery order until ``stop`` is set, then close."""
+        """Apply batches in delivery order until ``stop`` is set, then close.
+
+        A batch in hand when ``stop`` is set gets ``shutdown_grace`` seconds to finish;
+        past that (say, SQLite keeps failing) it is let go unacked, and the broker hands
+        it over again when the agent is back. Nothing is lost.
+        """
         try:
             async with self._queue.iterator() as batches:
-                stopping = asyncio.ensure_future(stop.wait())
                 while not stop.is_set():
-                    next_batch = asyncio.ensure_future(anext(batches))
-                    done, _ = await asyncio.wait(
-                        {next_batch, stopping}, return_when=asyncio.FIRST_COMPLETED
-                    )
-                    if next_batch not in done:
-                        next_batch.cancel()
+                    message = await _unless_stopped(anext(batches), stop)
+                    if message is None:
                         break
-                    await self.on_message(next_batch.result())
-                stopping.cancel()
+                    await _unless_stopped(
+                        self.on_message(message), stop, grace=self._settings.shutdown_grace
+                    )
         finally:
             await self._connection.close()
             await self._store.close()

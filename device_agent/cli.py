@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 
-from broker.connection import connect, open_channel
-from broker.runtime import configure_logging, given_flags, run_until_signal
-from broker.topology import device_queue_name
-from device_agent.agent import DeviceAgent
+from broker.connection import connect
+from broker.errors import ProgramError
+from broker.logs import configure_logging
+from broker.runtime import run_program, until_signal
+from broker.settings import load_settings
+from device_agent.agent import DeviceAgent, device_queue, open_store
 from device_agent.settings import AgentSettings
-from device_agent.store import OfflineStore
 
 __all__ = ["main"]
 
@@ -22,35 +22,44 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--db", dest="db_path", help="SQLite file (SYNC_DB_PATH)")
     parser.add_argument("--amqp-url", help="RabbitMQ URL (SYNC_AMQP_URL)")
     parser.add_argument("--prefetch", type=int, help="batches fetched ahead (SYNC_PREFETCH)")
-    parser.add_argument("--check", action="store_true", help="health check: exit 0 or 1")
+    parser.add_argument(
+        "--metrics-port", type=int, help="serve /metrics, /healthz, /readyz (SYNC_METRICS_PORT)"
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="health check: the database opens, the broker takes the login, the queue is "
+        "there; exit 0 or 1",
+    )
     return parser
 
 
-async def check(settings: AgentSettings) -> bool:
+async def check(settings: AgentSettings) -> int:
     """Can this agent open its database and reach its queue?"""
     try:
-        store = await OfflineStore.open(settings.db_path)
+        store = await open_store(settings.db_path)
         await store.close()
         connection = await connect(settings.amqp_url, f"sync-agent:{settings.device_id}:check")
         async with connection:
-            channel = await open_channel(connection)
-            await channel.declare_queue(device_queue_name(settings.device_id), passive=True)
-    except Exception as error:  # any failure means unhealthy; say which
-        print(f"unhealthy: {error!r}", file=sys.stderr)
-        return False
+            await device_queue(connection, settings)
+    except ProgramError as error:
+        print(f"unhealthy: {error}", file=sys.stderr)
+        return 1
     print("healthy")
-    return True
-
-
-async def _run(settings: AgentSettings, stop: asyncio.Event) -> None:
-    agent = await DeviceAgent.start(settings)
-    await agent.run(stop)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
-    configure_logging()
-    settings = AgentSettings(**given_flags(args))
-    if args.check:
-        sys.exit(0 if asyncio.run(check(settings)) else 1)
-    run_until_signal(lambda stop: _run(settings, stop))
+    parser = _parser()
+    args = parser.parse_args(argv)
+
+    async def program() -> int:
+        settings = load_settings(AgentSettings, args, parser)
+        configure_logging(log_format=settings.log_format)
+        if args.check:
+            return await check(settings)
+        agent = await DeviceAgent.start(settings)
+        await until_signal(agent.run)
+        return 0
+
+    run_program("sync-agent", program)

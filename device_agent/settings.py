@@ -21,3 +21,6 @@ class AgentSettings(BrokerSettings):
     # Applied batch ids and tombstones are kept this long, then pruned at start. It must
     # exceed the device queue's TTL (broker.topology.DEVICE_QUEUE_TTL_SECONDS, 30 days).
     prune_after_days: float = Field(default=35, gt=DEVICE_QUEUE_TTL_SECONDS / 86400)
+    # On SIGTERM, how long the batch in hand may take (say, SQLite is locked) before it is
+    # let go unacked: the broker hands it over again when the agent comes back.
+    shutdown_grace: float = Field(default=3.0, ge=0)

@@ -20,8 +20,14 @@ from broker.client import SyncClient
 from broker.connection import connect, open_channel
 from broker.errors import ProgramError
 from broker.logs import configure_logging
-from broker.models import DEVICE_ID_PATTERN, MEMBER_NAME_PATTERN, ObjectRef, Session
-from broker.runtime import given_flags, run_program
+from broker.models import (
+    DEVICE_ID_PATTERN,
+    JOB_ID_PATTERN,
+    MEMBER_NAME_PATTERN,
+    ObjectRef,
+    Session,
+)
+from broker.runtime import run_program
 from broker.settings import load_settings
 from broker.topology import (
     DEAD_CHANGES_QUEUE,
@@ -101,6 +107,14 @@ def _user_id(text: str) -> int:
     if not re.fullmatch(r"[1-9][0-9]{0,18}", text) or int(text) > MAX_USER_ID:
         raise argparse.ArgumentTypeError(f"{text!r} is not a user id (a positive integer)")
     return int(text)
+
+
+def _job_id(text: str) -> str:
+    if not re.fullmatch(JOB_ID_PATTERN, text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a job id (letters, digits and _ . : -, at most 64)"
+        )
+    return text
 
 
 def _roles(text: str) -> list[str]:
@@ -208,7 +222,8 @@ async def device_show(args: argparse.Namespace, settings: ServerSettings) -> int
     print(f"app: {'offline' if device['offline'] else 'online'}")
     print(f"registered: {device['registered_at'].isoformat()}")
     resync = device["resync_reason"]
-    print(f"needs resync: {f'{resync} since {device['resync_since']}' if resync else 'no'}")
+    since = device["resync_since"]
+    print(f"needs resync: {f'{resync} since {since.isoformat()}' if resync else 'no'}")
     print(f"amqp user: {device_account(args.device)}")
     if device["offline"]:
         async with _broker(settings) as (connection, _):
@@ -254,7 +269,7 @@ async def _no_result(settings: ServerSettings, job_id: str, timeout: float) -> P
     return ProgramError(
         f"no result for job {job_id} within {timeout:g}s; it was sent and may still run. "
         f"{JOBS_QUEUE.name} holds {jobs.message_count} jobs for {jobs.consumer_count} "
-        f"consumers: {advice}. Retrying with --job-id {job_id} is safe."
+        f"consumers: {advice}."
     )
 
 
@@ -290,3 +305,102 @@ async def demo(args: argparse.Namespace, settings: ServerSettings) -> int:
 
     await run_demo(settings, workdir=args.workdir)
     return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="syncctl", description=__doc__)
+    parser.add_argument("--amqp-url", help="RabbitMQ URL (SYNC_AMQP_URL)")
+    parser.add_argument("--database-url", help="PostgreSQL URL (SYNC_DATABASE_URL)")
+    parser.add_argument("--management-url", help="RabbitMQ management API (SYNC_MANAGEMENT_URL)")
+    parser.add_argument("--model", help="domain model YAML file (SYNC_MODEL)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(
+        group: argparse._SubParsersAction[argparse.ArgumentParser],
+        name: str,
+        run: Command,
+        help: str,
+    ) -> argparse.ArgumentParser:
+        sub = group.add_parser(name, help=help, description=help)
+        sub.set_defaults(run=run)
+        return sub
+
+    db = commands.add_parser("db", help="the database").add_subparsers(dest="action", required=True)
+    init = command(db, "init", db_init, "create the sync schema and version triggers")
+    init.add_argument("--create-tables", action="store_true", help="create missing app tables")
+    init.add_argument(
+        "--worker-role",
+        metavar="NAME",
+        help="create the workers' read-only role; password from SYNC_WORKER_DB_PASSWORD",
+    )
+
+    topology = commands.add_parser("topology", help="exchanges and queues")
+    actions = topology.add_subparsers(dest="action", required=True)
+    command(actions, "declare", topology_declare, "declare exchanges and queues")
+
+    device = commands.add_parser("device", help="devices").add_subparsers(
+        dest="action", required=True
+    )
+    add = command(device, "add", device_add, "register a device: its row, queue and account")
+    add.add_argument("device", type=_device_id)
+    add.add_argument("--user", type=_user_id, required=True)
+    add.add_argument("--online", action="store_true", help="an online (not offline) app")
+    add.add_argument("--secret-file", metavar="PATH", help="write the secret here (mode 0600)")
+    add.add_argument(
+        "--if-missing",
+        action="store_true",
+        help="leave a device that is registered already as it is (its secret is kept)",
+    )
+    remove = command(device, "remove", device_remove, "unregister a device, its queue, account")
+    remove.add_argument("device", type=_device_id)
+    command(device, "list", device_list, "list registered devices")
+    show = command(device, "show", device_show, "a device's registration, queue and resync mark")
+    show.add_argument("device", type=_device_id)
+
+    user = commands.add_parser("user", help="users").add_subparsers(dest="action", required=True)
+    user_roles_cmd = command(user, "roles", roles, "show (or --set) a user's roles")
+    user_roles_cmd.add_argument("user_id", type=_user_id, metavar="ID")
+    user_roles_cmd.add_argument(
+        "--set", type=_roles, metavar="R1,R2", help="replace the roles ('' for none)"
+    )
+
+    model = commands.add_parser("model", help="model files").add_subparsers(
+        dest="action", required=True
+    )
+    command(model, "example", model_example, "print the example model to start from")
+
+    messages = command(commands, "schema", schema, "print the JSON Schema of a message")
+    messages.add_argument("message", choices=sorted(MESSAGES))
+
+    call = command(commands, "sync", sync, "synchronize objects to a device, print the result")
+    call.add_argument("--user", type=_user_id, required=True)
+    call.add_argument("--device", type=_device_id, required=True)
+    call.add_argument("objects", nargs="*", type=_ref, metavar="Entity:id")
+    call.add_argument("--deleted", nargs="*", type=_ref, default=[], metavar="Entity:id")
+    call.add_argument("--new", nargs="*", type=_ref, default=[], metavar="Entity:id")
+    call.add_argument("--origin", choices=["nanoflow", "event"], default="nanoflow")
+    call.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the result")
+    call.add_argument("--job-id", type=_job_id, help="the job's id (default: a new one)")
+
+    command(commands, "status", status, "depths of the jobs and dead-letter queues")
+    run_demo = command(commands, "demo", demo, "run the whole pipeline on the local services")
+    run_demo.add_argument("--workdir", default=".services/demo", help="where device DBs go")
+    return parser
+
+
+async def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    settings = load_settings(ServerSettings, args, parser)
+    try:
+        status: int = await args.run(args, settings)
+    except asyncpg.UndefinedTableError as error:
+        raise ProgramError(f"PostgreSQL: {error}: has `syncctl db init` run?") from None
+    except asyncpg.PostgresError as error:
+        raise ProgramError(f"PostgreSQL: {error}") from None
+    return status
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    configure_logging("WARNING")
+    run_program("syncctl", lambda: _run(args, parser))

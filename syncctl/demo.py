@@ -12,8 +12,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import asyncpg
-
 from broker.client import SyncClient
 from broker.connection import connect, open_channel
 from broker.models import ObjectList, ObjectRef, Session, SyncResult
@@ -22,7 +20,8 @@ from device_agent import AgentSettings, DeviceAgent, OfflineStore
 from syncctl.accounts import BrokerAccounts
 from syncctl.devices import register_device
 from worker import Worker, WorkerSettings, load_model
-from worker.model import DomainModel
+from worker.model import EXAMPLE_MODEL, DomainModel
+from worker.database import connect as connect_database
 from worker.schema import init_database
 from worker.settings import ServerSettings
 
@@ -124,7 +123,7 @@ def _calls() -> list[Call]:
 
 
 async def _prepare_database(settings: ServerSettings, model: DomainModel) -> None:
-    conn = await asyncpg.connect(settings.database_url)
+    conn = await connect_database(settings.database_url)
     try:
         await init_database(conn, model, create_tables=True)
         await conn.execute("TRUNCATE work_order, technician, customer, invoice, attachment")
@@ -169,11 +168,12 @@ async def _print_device(device_id: str, path: Path) -> None:
 
 
 async def run_demo(settings: ServerSettings, *, workdir: str) -> None:
-    model = await load_model(settings.model)
+    # Always the example: the seed rows and the calls below are written for it.
+    model = await load_model(EXAMPLE_MODEL)
     folder = Path(workdir)
     await asyncio.to_thread(shutil.rmtree, folder, True)
     await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
-    print(f"model {settings.model}: offline entities {sorted(model.offline_entities)}")
+    print(f"model {EXAMPLE_MODEL}: offline entities {sorted(model.offline_entities)}")
     await _prepare_database(settings, model)
     print(
         "database seeded; devices registered:",
@@ -182,7 +182,7 @@ async def run_demo(settings: ServerSettings, *, workdir: str) -> None:
     )
 
     worker_settings = WorkerSettings(
-        amqp_url=settings.amqp_url, database_url=settings.database_url, model=settings.model
+        amqp_url=settings.amqp_url, database_url=settings.database_url, model=EXAMPLE_MODEL
     )
     workers = [
         await Worker.start(worker_settings.model_copy(update={"name": f"demo-worker-{n}"}), model)

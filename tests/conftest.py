@@ -49,8 +49,8 @@ APP_TABLES = (
     "t_project",
     "t_assignment",
     "t_ticket",
+    "t_ghost",
 )
-BROKEN_TABLES = ("t_ghost",)
 
 
 WORKER_ROLE = "sync_worker"
@@ -98,12 +98,10 @@ def model() -> DomainModel:
 async def schema(services: Services, model: DomainModel) -> None:
     conn = await asyncpg.connect(services.database_url)
     try:
-        for table in (*APP_TABLES, *BROKEN_TABLES):
+        for table in APP_TABLES:
             await conn.execute(f"DROP TABLE IF EXISTS {table}")
         await init_database(conn, model, create_tables=True)
         await create_worker_role(conn, model, WORKER_ROLE, WORKER_ROLE)
-        for table in BROKEN_TABLES:
-            await conn.execute(f"DROP TABLE {table}")
     finally:
         await conn.close()
 
@@ -246,6 +244,7 @@ async def make_device(
         secret = await register_device(
             pg, amqp, accounts, device_id, user_id, offline=offline, limits=limits
         )
+        assert secret is not None
         db_path = tmp_path / f"{device_id}.sqlite"
         device = Device(
             Session(user_id=user_id, device_id=device_id),

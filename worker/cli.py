@@ -8,7 +8,7 @@ import sys
 from broker.connection import connect, open_channel
 from broker.errors import ProgramError
 from broker.logs import configure_logging
-from broker.runtime import given_flags, run_program, until_signal
+from broker.runtime import run_program, until_signal
 from broker.settings import load_settings
 from broker.topology import JOBS_QUEUE
 from worker.app import run_worker
@@ -60,10 +60,11 @@ async def check(settings: WorkerSettings) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
 
     async def program() -> int:
-        settings = load_settings(WorkerSettings, **given_flags(args))
+        settings = load_settings(WorkerSettings, args, parser)
         configure_logging(log_format=settings.log_format)
         if args.check:
             return await check(settings)
