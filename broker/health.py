@@ -22,6 +22,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import Callable, Coroutine
+from contextlib import AbstractAsyncContextManager, nullcontext
 from http.server import ThreadingHTTPServer
 from types import TracebackType
 from typing import Any, Self, cast
@@ -30,7 +31,10 @@ from urllib.parse import urlsplit
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.exposition import MetricsHandler
 
-__all__ = ["HealthServer", "ReadinessCheck"]
+from broker.errors import ConfigurationError
+from broker.settings import BrokerSettings
+
+__all__ = ["HealthServer", "ReadinessCheck", "operations_endpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -129,13 +133,19 @@ class HealthServer:
         """Binds and serves; readiness checks will run on the calling event loop."""
         if self._server is not None:
             return
-        self._server = _Server(
-            self._address,
-            registry=self._registry,
-            ready=self._ready,
-            loop=asyncio.get_running_loop(),
-            ready_timeout=self._ready_timeout,
-        )
+        try:
+            self._server = _Server(
+                self._address,
+                registry=self._registry,
+                ready=self._ready,
+                loop=asyncio.get_running_loop(),
+                ready_timeout=self._ready_timeout,
+            )
+        except OSError as error:
+            host, port = self._address
+            raise ConfigurationError(
+                f"cannot serve /metrics on {host}:{port}: {error.strerror}"
+            ) from None
         # A short poll interval keeps stop() quick.
         self._thread = threading.Thread(
             target=self._server.serve_forever, args=(0.05,), name="health-server", daemon=True
@@ -168,3 +178,18 @@ class HealthServer:
         traceback: TracebackType | None,
     ) -> None:
         await self.stop()
+
+
+def operations_endpoint(
+    settings: BrokerSettings, ready: ReadinessCheck
+) -> AbstractAsyncContextManager[object]:
+    """The endpoint ``settings.metrics_port`` asks for, or nothing when it is unset.
+
+    Example::
+
+        async with operations_endpoint(settings, worker.readiness):
+            await stop.wait()
+    """
+    if settings.metrics_port is None:
+        return nullcontext()
+    return HealthServer(ready=ready, host=settings.metrics_host, port=settings.metrics_port)

@@ -21,8 +21,10 @@ class BrokerSettings(BaseSettings):
 
     amqp_url: str = "amqp://sync:sync@127.0.0.1:5673/"
     log_format: LogFormat = "text"
-    # Where sync-worker and sync-agent serve /metrics, /healthz and /readyz; off when unset.
+    # Where sync-worker and sync-agent serve /metrics, /healthz and /readyz; off when the
+    # port is unset. Loopback by default; 0.0.0.0 in a container, for the scraper.
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    metrics_host: str = "127.0.0.1"
 
 
 def load_settings(cls: type[S], args: argparse.Namespace, parser: argparse.ArgumentParser) -> S:

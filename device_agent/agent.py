@@ -25,6 +25,12 @@ from broker.errors import ProgramError
 from broker.models import ChangeBatch, ResyncChange
 from broker.topology import device_queue_name, existing_queue
 from broker.wire import WireError, decode, quoted
+from device_agent.metrics import (
+    BATCH_APPLY_SECONDS,
+    BATCHES_SKIPPED,
+    record_applied,
+    record_dropped,
+)
 from device_agent.settings import AgentSettings
 from device_agent.store import OfflineStore
 
@@ -145,9 +151,9 @@ class DeviceAgent:
         )
         return cls(settings, connection, queue, store, on_applied)
 
-    @property
-    def connection(self) -> AbstractRobustConnection:
-        return self._connection
+    async def readiness(self) -> str | None:
+        """``None`` while the agent can take batches, else why not (for ``/readyz``)."""
+        return "not connected to RabbitMQ" if self._connection.is_closed else None
 
     async def run(self, stop: asyncio.Event) -> None:
         """Apply batches in delivery order until ``stop`` is set, then close.
@@ -181,6 +187,11 @@ class DeviceAgent:
             return
         if not await ack(message):
             return
+        if applied:
+            record_applied(len(batch.changes))
+            BATCH_APPLY_SECONDS.observe(time.perf_counter() - started)
+        else:
+            BATCHES_SKIPPED.inc()
         self._report_resync(batch)
         if applied and self._on_applied is not None:
             self._on_applied(batch)
@@ -210,6 +221,7 @@ class DeviceAgent:
             )
         except Exception:
             # A bug or a value SQLite cannot store: requeueing would loop forever.
+            record_dropped("unappliable")
             log.exception(
                 "batch dropped: cannot be applied",
                 extra={"device_id": batch.device_id, "batch_id": batch.batch_id},
@@ -234,6 +246,7 @@ class DeviceAgent:
         try:
             batch = decode(ChangeBatch, message.body)
         except WireError as error:
+            record_dropped("invalid")
             log.error(
                 "batch dropped",
                 extra={
@@ -244,6 +257,7 @@ class DeviceAgent:
             )
             return None
         if batch.device_id != self._settings.device_id:
+            record_dropped("wrong-device")
             log.error(
                 "batch dropped: addressed to another device",
                 extra={

@@ -7,6 +7,7 @@ import sys
 
 from broker.connection import connect
 from broker.errors import ProgramError
+from broker.health import operations_endpoint
 from broker.logs import configure_logging
 from broker.runtime import run_program, until_signal
 from broker.settings import load_settings
@@ -59,7 +60,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.check:
             return await check(settings)
         agent = await DeviceAgent.start(settings)
-        await until_signal(agent.run)
+        async with operations_endpoint(settings, agent.readiness):
+            await until_signal(agent.run)
         return 0
 
     run_program("sync-agent", program)

@@ -20,8 +20,8 @@ from device_agent import AgentSettings, DeviceAgent, OfflineStore
 from syncctl.accounts import BrokerAccounts
 from syncctl.devices import register_device
 from worker import Worker, WorkerSettings, load_model
-from worker.model import EXAMPLE_MODEL, DomainModel
 from worker.database import connect as connect_database
+from worker.model import EXAMPLE_MODEL, DomainModel
 from worker.schema import init_database
 from worker.settings import ServerSettings
 

@@ -103,9 +103,7 @@ async def test_job_that_keeps_failing_is_dead_lettered_with_a_reason(
     # Gone after the worker started (it checks the tables at start): every read fails.
     await pg.execute("ALTER TABLE t_ghost RENAME TO t_ghost_away")
     try:
-        result = await client.synchronize_to_device(
-            device.session, objects=[ObjectRef("Ghost", 1)]
-        )
+        result = await client.synchronize_to_device(device.session, objects=[ObjectRef("Ghost", 1)])
     finally:
         await pg.execute("ALTER TABLE t_ghost_away RENAME TO t_ghost")
 

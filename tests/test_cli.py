@@ -82,5 +82,5 @@ async def test_bad_model_file_is_refused_with_its_position(services: Services, t
 async def test_device_id_that_jobs_could_not_carry_is_refused(services: Services):
     code, output = await _run(services, "syncctl", "device", "add", "bad id", "--user", "5")
     assert code == 2
-    assert "not a valid device id: 'bad id'" in output
+    assert "'bad id' is not a valid device id" in output
     assert await _run(services, "syncctl", "device", "list") == (0, "")

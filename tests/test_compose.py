@@ -18,13 +18,14 @@ import pytest
 import yaml
 
 from device_agent.settings import AgentSettings
+from worker import model as worker_model
 from worker.settings import ServerSettings, WorkerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
-EXAMPLE_MODEL = ROOT / "examples" / "field_service.yaml"
+EXAMPLE_MODEL = worker_model.EXAMPLE_MODEL
 SCRIPTS: dict[str, str] = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
 # Services running the project's image, and those of them with the operator's rights.
 APP_SERVICES = ("init", "worker", "agent", "sync")

@@ -10,6 +10,7 @@ import asyncpg
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 
 from broker.connection import connect, open_channel
+from broker.health import operations_endpoint
 from broker.topology import (
     CHANGES_EXCHANGE,
     DEAD_CHANGES_QUEUE,
@@ -20,11 +21,12 @@ from broker.topology import (
 )
 from worker.consumer import JobConsumer
 from worker.database import create_pool
+from worker.errors import TRANSIENT_ERRORS
 from worker.handler import JobHandler
 from worker.lost import LostBatchConsumer
 from worker.model import DomainModel, load_model
 from worker.publisher import BatchPublisher
-from worker.schema_check import check_schema
+from worker.schema_check import check_schema, schema_problems
 from worker.settings import WorkerSettings
 
 __all__ = ["Worker", "run_worker"]
@@ -32,6 +34,8 @@ __all__ = ["Worker", "run_worker"]
 log = logging.getLogger(__name__)
 
 Callback = Callable[[AbstractIncomingMessage], Awaitable[None]]
+# A readiness probe that waits longer than this for a pool connection reports not ready.
+READY_TIMEOUT = 2.0
 
 
 async def _keep_connection_as_is(conn: asyncpg.Connection) -> None:
@@ -55,10 +59,12 @@ class Worker:
         self,
         connection: AbstractRobustConnection,
         pool: asyncpg.Pool,
+        model: DomainModel,
         *,
         shutdown_grace: float,
     ) -> None:
         self._connection = connection
+        self._model = model
         self._shutdown_grace = shutdown_grace
         self._pool = pool
         self._consuming: list[tuple[AbstractQueue, str]] = []
@@ -103,12 +109,23 @@ class Worker:
             channel.default_exchange,
             publish_timeout=settings.publish_timeout,
         )
-        worker = cls(connection, pool, shutdown_grace=settings.shutdown_grace)
+        worker = cls(connection, pool, model, shutdown_grace=settings.shutdown_grace)
         await worker._consume(await channel.get_queue(JOBS_QUEUE.name), consumer.on_message)
         lost = LostBatchConsumer(pool)
         await worker._consume(await channel.get_queue(DEAD_CHANGES_QUEUE.name), lost.on_message)
         log.info("worker started", extra={"worker": settings.name, "prefetch": settings.prefetch})
         return worker
+
+    async def readiness(self) -> str | None:
+        """``None`` when the worker can take jobs, else why not (for ``/readyz``)."""
+        if self._connection.is_closed:
+            return "not connected to RabbitMQ"
+        try:
+            async with self._pool.acquire(timeout=READY_TIMEOUT) as conn:
+                problems = await schema_problems(conn, self._model)
+        except (*TRANSIENT_ERRORS, asyncpg.PostgresError) as error:
+            return f"PostgreSQL: {error!r}"
+        return f"the model does not match the database: {problems[0]}" if problems else None
 
     async def _consume(self, queue: AbstractQueue, on_message: Callback) -> None:
         self._consuming.append((queue, await queue.consume(self._track(on_message))))
@@ -144,5 +161,8 @@ class Worker:
 
 async def run_worker(settings: WorkerSettings, stop: asyncio.Event) -> None:
     worker = await Worker.start(settings)
-    await stop.wait()
-    await worker.stop()
+    try:
+        async with operations_endpoint(settings, worker.readiness):
+            await stop.wait()
+    finally:
+        await worker.stop()

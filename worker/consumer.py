@@ -25,6 +25,7 @@ from broker.topology import JOB_DELIVERY_LIMIT
 from broker.wire import WireError, decode
 from worker.errors import TRANSIENT_ERRORS, JobRejected
 from worker.handler import JobHandler
+from worker.metrics import record_failed_job, record_job
 
 __all__ = ["JobConsumer", "job_id_of"]
 
@@ -70,7 +71,7 @@ class JobConsumer:
         try:
             job = decode(SyncJob, message.body)
         except WireError as error:
-            await self._reject(message, job_id_of(message), error.reason)
+            await self._reject(message, started, job_id_of(message), error.reason)
             return
         try:
             result = await retry_while_held(
@@ -80,15 +81,16 @@ class JobConsumer:
                 what=f"job {job.job_id}",
             )
         except JobRejected as rejected:
-            await self._reject(message, job.job_id, rejected.reason, job)
+            await self._reject(message, started, job.job_id, rejected.reason, job)
             return
         except Exception as error:
-            await self._failed(message, job, error)
+            await self._failed(message, started, job, error)
             return
         if result is None:
             return
         await self._reply(message, result)
         await ack(message)
+        record_job(result, time.perf_counter() - started)
         log.info(
             "job done",
             extra={
@@ -105,7 +107,7 @@ class JobConsumer:
         )
 
     async def _failed(
-        self, message: AbstractIncomingMessage, job: SyncJob, error: Exception
+        self, message: AbstractIncomingMessage, started: float, job: SyncJob, error: Exception
     ) -> None:
         """A bug or a broken database, not bad input: try again, but not forever."""
         attempt = delivery_count(message) + 1
@@ -120,16 +122,18 @@ class JobConsumer:
             },
         )
         if attempt < JOB_DELIVERY_LIMIT:
+            record_failed_job(time.perf_counter() - started)
             await nack(message, requeue=True)
             return
         # The last attempt dead-letters the job itself, so the caller learns why (the
         # broker's own delivery limit is the backstop if this worker dies first).
         reason = f"job-failed: {type(error).__name__} on {attempt} attempts"
-        await self._reject(message, job.job_id, reason, job)
+        await self._reject(message, started, job.job_id, reason, job)
 
     async def _reject(
         self,
         message: AbstractIncomingMessage,
+        started: float,
         job_id: str,
         reason: str,
         job: SyncJob | None = None,
@@ -150,8 +154,10 @@ class JobConsumer:
             )
             await nack(message, requeue=True)
             return
-        await self._reply(message, SyncResult(job_id=job_id, status="rejected", reason=reason))
+        result = SyncResult(job_id=job_id, status="rejected", reason=reason)
+        await self._reply(message, result)
         await ack(message)
+        record_job(result, time.perf_counter() - started)
         log.info(
             "job rejected",
             extra={"job_id": job_id, "device_id": _device(message, job), "reason": reason},

@@ -11,6 +11,7 @@ from broker.models import ResyncChange, Session, SyncJob, SyncResult
 from worker.access import AccessPolicy
 from worker.eligibility import check_job_names, decide
 from worker.errors import JobRejected
+from worker.metrics import DEVICE_LOCK_WAIT
 from worker.model import DomainModel
 from worker.publisher import BatchPublisher
 from worker.resolver import fetch_rows
@@ -71,7 +72,8 @@ class JobHandler:
         if job.origin != "nanoflow":
             return ignored(job, "not-called-from-nanoflow")
         async with self._pool.acquire() as conn, conn.transaction(readonly=True):
-            await conn.execute(_LOCK_DEVICE, DEVICE_LOCK_CLASS, device_id)
+            with DEVICE_LOCK_WAIT.time():
+                await conn.execute(_LOCK_DEVICE, DEVICE_LOCK_CLASS, device_id)
             device = await conn.fetchrow(_READ_DEVICE, device_id)
             if device is None:
                 raise JobRejected("unknown-device")

@@ -18,6 +18,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from broker.delivery import ack, delivery_count, nack, retry_while_held
 from broker.topology import device_queue_name
 from worker.errors import TRANSIENT_ERRORS
+from worker.metrics import LOST_BATCHES
 
 __all__ = ["LostBatchConsumer", "lost_device"]
 
@@ -65,6 +66,7 @@ class LostBatchConsumer:
         if marked is None:
             return
         await ack(message)
+        LOST_BATCHES.inc()
         log.warning(
             "batch lost; device marked for resync",
             extra={"device_id": device_id, "batch_id": message.message_id, "reason": reason},
