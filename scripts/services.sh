@@ -335,6 +335,8 @@ pg_stop() {
 print_env() {
     echo "export SYNC_AMQP_URL=$AMQP_URL"
     echo "export SYNC_DATABASE_URL=$DATABASE_URL"
+    # syncctl sends the operator's credentials here: it must be this node's, moved ports too.
+    echo "export SYNC_MANAGEMENT_URL=http://127.0.0.1:$MGMT_PORT"
 }
 
 cmd_start() {

@@ -36,7 +36,6 @@ from syncctl.accounts import BrokerAccounts
 from syncctl.devices import register_device, unregister_device
 from worker import DomainModel, Worker, WorkerSettings, parse_model
 from worker.schema import create_worker_role, init_database
-from worker.settings import ServerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_PATH = Path(__file__).with_name("model.yaml")
@@ -60,6 +59,7 @@ WORKER_ROLE = "sync_worker"
 class Services:
     amqp_url: str
     database_url: str
+    management_url: str
 
     @property
     def worker_database_url(self) -> str:
@@ -81,7 +81,12 @@ def _service_urls() -> Services:
         for line in env_lines.splitlines()
         if line.startswith("export ")
     )
-    return Services(values["SYNC_AMQP_URL"].strip("'\""), values["SYNC_DATABASE_URL"].strip("'\""))
+    return Services(
+        *(
+            values[name].strip("'\"")
+            for name in ("SYNC_AMQP_URL", "SYNC_DATABASE_URL", "SYNC_MANAGEMENT_URL")
+        )
+    )
 
 
 @pytest.fixture(scope="session")
@@ -208,7 +213,7 @@ MakeDevice = Callable[..., Awaitable[Device]]
 
 @pytest.fixture(scope="session")
 def accounts(services: Services) -> BrokerAccounts:
-    return BrokerAccounts(ServerSettings().management_url, services.amqp_url)
+    return BrokerAccounts(services.management_url, services.amqp_url)
 
 
 def account_url(services: Services, device_id: str, secret: str) -> str:

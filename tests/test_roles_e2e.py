@@ -147,12 +147,8 @@ async def test_roles_from_a_view_over_the_app_tables(
 async def test_db_init_leaves_the_view_alone(pg, model: DomainModel):
     async with _roles_from_app_tables(pg, JOINED_VIEW):
         await pg.execute(f"REVOKE SELECT ON sync.user_role FROM {WORKER_ROLE}")
-        # As the session's schema fixture does: t_ghost exists only while the role is made.
-        try:
-            await init_database(pg, model, create_tables=True)
-            await create_worker_role(pg, model, WORKER_ROLE, WORKER_ROLE)
-        finally:
-            await pg.execute("DROP TABLE IF EXISTS t_ghost")
+        await init_database(pg, model, create_tables=True)
+        await create_worker_role(pg, model, WORKER_ROLE, WORKER_ROLE)
         kind = await pg.fetchval(
             "SELECT relkind::text FROM pg_class WHERE oid = 'sync.user_role'::regclass"
         )
