@@ -116,3 +116,14 @@ async def test_job_that_keeps_failing_is_dead_lettered_with_a_reason(
     later = await client.synchronize_to_device(device.session, objects=[ObjectRef("Task", task)])
     await device.settled(later)
     assert await device.store.ids("Task") == [task]
+
+
+async def test_device_registered_by_hand_with_a_bad_user_is_rejected_once(
+    make_device: MakeDevice, pg, amqp
+):
+    device = await make_device(7, ["Admin"])
+    await pg.execute("UPDATE sync.device SET user_id = 0 WHERE device_id = $1", device.device_id)
+    async with await SyncClient.connect(device.amqp_url, name="test-device") as own:
+        result = await own.synchronize_to_device(device.session, objects=[ObjectRef("Task", 1)])
+    assert (result.status, result.reason) == ("rejected", "invalid-device-registration: user 0")
+    assert (await dead_letters(amqp)).get(result.job_id) == result.reason

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Collection
 
 import asyncpg
+from pydantic import ValidationError
 
 from broker.accounts import device_of_account
 from broker.models import ResyncChange, Session, SyncJob, SyncResult
@@ -36,6 +37,15 @@ FROM sync.device d WHERE d.device_id = $1
 
 def ignored(job: SyncJob, reason: str) -> SyncResult:
     return SyncResult(job_id=job.job_id, status="ignored", reason=reason)
+
+
+def _session(user_id: int, device_id: str) -> Session:
+    """The device's registered session; a row written by hand with a user id that jobs
+    cannot carry is refused once, never retried."""
+    try:
+        return Session(user_id=user_id, device_id=device_id)
+    except ValidationError:
+        raise JobRejected(f"invalid-device-registration: user {user_id}") from None
 
 
 def _resync_change(device: asyncpg.Record) -> ResyncChange | None:
@@ -79,7 +89,7 @@ class JobHandler:
                 raise JobRejected("unknown-device")
             if claimed_user is not None and device["user_id"] != claimed_user:
                 raise JobRejected("device-not-owned")
-            session = Session(user_id=device["user_id"], device_id=device_id)
+            session = _session(device["user_id"], device_id)
             if not device["offline"]:
                 return ignored(job, "online-app")
             targets = job.targets()
