@@ -10,7 +10,9 @@ from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 
 from broker.errors import AccessRefused, BrokerUnavailable, ConfigurationError
 
-__all__ = ["CONNECT_TIMEOUT", "connect", "open_channel", "where"]
+__all__ = ["CONNECT_TIMEOUT", "checked_url", "connect", "open_channel", "where"]
+
+AMQP_URL_FORM = "RabbitMQ URL (amqp://user:password@host:port/vhost)"
 
 # A broker that does not answer within this long is reported as out of reach.
 CONNECT_TIMEOUT = 10.0
@@ -22,12 +24,14 @@ def where(url: str) -> str:
     return f"{parts.hostname}:{parts.port}" if parts.port else str(parts.hostname)
 
 
-def _checked(url: str) -> str:
+def checked_url(url: str, schemes: tuple[str, ...], form: str) -> str:
+    """``url`` when it has one of ``schemes`` and a host; else ``ConfigurationError``
+    saying what was expected (``form``), never echoing the password."""
     parts = urlsplit(url)
-    if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+    if parts.scheme not in schemes or not parts.hostname:
         raise ConfigurationError(
-            "not an AMQP URL (expected amqp://user:password@host:port/vhost): "
-            f"scheme {parts.scheme or 'missing'!r}, host {parts.hostname or 'missing'!r}"
+            f"not a {form}: scheme {parts.scheme or 'missing'!r}, "
+            f"host {parts.hostname or 'missing'!r}"
         )
     return url
 
@@ -42,7 +46,7 @@ async def connect(url: str, name: str) -> AbstractRobustConnection:
     """
     try:
         return await aio_pika.connect_robust(
-            _checked(url),
+            checked_url(url, ("amqp", "amqps"), AMQP_URL_FORM),
             client_properties={"connection_name": name},
             reconnect_interval=1.0,
             timeout=CONNECT_TIMEOUT,

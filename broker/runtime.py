@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 from broker.errors import ProgramError
+from broker.logs import configure_logging
+from broker.settings import BrokerSettings, load_settings
 
-__all__ = ["run_program", "until_signal"]
+__all__ = ["run_program", "run_service", "until_signal"]
+
+S = TypeVar("S", bound=BrokerSettings)
 
 
 def run_program(prog: str, main: Callable[[], Coroutine[Any, Any, int | None]]) -> NoReturn:
@@ -38,3 +43,41 @@ async def until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> None
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await main(stop)
+
+
+async def _health_check(check: Callable[[S], Awaitable[None]], settings: S) -> int:
+    try:
+        await check(settings)
+    except ProgramError as error:
+        print(f"unhealthy: {error}", file=sys.stderr)
+        return 1
+    print("healthy")
+    return 0
+
+
+def run_service(
+    parser: argparse.ArgumentParser,
+    settings_class: type[S],
+    *,
+    check: Callable[[S], Awaitable[None]],
+    serve: Callable[[S, asyncio.Event], Awaitable[None]],
+    argv: list[str] | None = None,
+) -> NoReturn:
+    """A long-running program: settings from flags and ``SYNC_*``, then ``--check`` (print
+    ``healthy`` and exit 0, or ``unhealthy: why`` and exit 1) or ``serve`` until SIGTERM.
+
+    Example::
+
+        run_service(parser, WorkerSettings, check=check, serve=run_worker)
+    """
+    args = parser.parse_args(argv)
+
+    async def program() -> int:
+        settings = load_settings(settings_class, args, parser)
+        configure_logging(log_format=settings.log_format)
+        if args.check:
+            return await _health_check(check, settings)
+        await until_signal(lambda stop: serve(settings, stop))
+        return 0
+
+    run_program(parser.prog, program)

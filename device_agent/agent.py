@@ -22,6 +22,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustC
 from broker.connection import connect, open_channel
 from broker.delivery import ack, nack, retry_while_held
 from broker.errors import ProgramError
+from broker.health import operations_endpoint
 from broker.models import ChangeBatch, ResyncChange
 from broker.topology import device_queue_name, existing_queue
 from broker.wire import WireError, decode, quoted
@@ -34,7 +35,7 @@ from device_agent.metrics import (
 from device_agent.settings import AgentSettings
 from device_agent.store import OfflineStore
 
-__all__ = ["DeviceAgent"]
+__all__ = ["DeviceAgent", "device_queue", "open_store", "run_agent"]
 
 log = logging.getLogger(__name__)
 
@@ -268,3 +269,10 @@ class DeviceAgent:
             )
             return None
         return batch
+
+
+async def run_agent(settings: AgentSettings, stop: asyncio.Event) -> None:
+    """``sync-agent``: apply batches until ``stop``, with the operations endpoint if asked."""
+    agent = await DeviceAgent.start(settings)
+    async with operations_endpoint(settings, agent.readiness):
+        await agent.run(stop)

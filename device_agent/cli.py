@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from broker.connection import connect
-from broker.errors import ProgramError
-from broker.health import operations_endpoint
-from broker.logs import configure_logging
-from broker.runtime import run_program, until_signal
-from broker.settings import load_settings
-from device_agent.agent import DeviceAgent, device_queue, open_store
+from broker.runtime import run_service
+from device_agent.agent import device_queue, open_store, run_agent
 from device_agent.settings import AgentSettings
 
 __all__ = ["main"]
@@ -35,33 +30,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def check(settings: AgentSettings) -> int:
+async def check(settings: AgentSettings) -> None:
     """Can this agent open its database and reach its queue?"""
-    try:
-        store = await open_store(settings.db_path)
-        await store.close()
-        connection = await connect(settings.amqp_url, f"sync-agent:{settings.device_id}:check")
-        async with connection:
-            await device_queue(connection, settings)
-    except ProgramError as error:
-        print(f"unhealthy: {error}", file=sys.stderr)
-        return 1
-    print("healthy")
-    return 0
+    store = await open_store(settings.db_path)
+    await store.close()
+    name = f"sync-agent:{settings.device_id}:check"
+    async with await connect(settings.amqp_url, name) as connection:
+        await device_queue(connection, settings)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = _parser()
-    args = parser.parse_args(argv)
-
-    async def program() -> int:
-        settings = load_settings(AgentSettings, args, parser)
-        configure_logging(log_format=settings.log_format)
-        if args.check:
-            return await check(settings)
-        agent = await DeviceAgent.start(settings)
-        async with operations_endpoint(settings, agent.readiness):
-            await until_signal(agent.run)
-        return 0
-
-    run_program("sync-agent", program)
+    run_service(_parser(), AgentSettings, check=check, serve=run_agent, argv=argv)

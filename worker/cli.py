@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from broker.connection import connect, open_channel
-from broker.errors import ProgramError
-from broker.logs import configure_logging
-from broker.runtime import run_program, until_signal
-from broker.settings import load_settings
-from broker.topology import JOBS_QUEUE
+from broker.connection import connect
+from broker.runtime import run_service
+from broker.topology import JOBS_QUEUE, existing_queue
 from worker.app import run_worker
 from worker.database import connect as connect_database
 from worker.model import load_model
@@ -39,36 +35,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def check(settings: WorkerSettings) -> int:
+async def check(settings: WorkerSettings) -> None:
     """Does the model load and match the database, and is the jobs queue there?"""
+    model = await load_model(settings.model_path())
+    conn = await connect_database(settings.database_url)
     try:
-        model = await load_model(settings.model_path())
-        conn = await connect_database(settings.database_url)
-        try:
-            await check_schema(conn, model)
-        finally:
-            await conn.close()
-        connection = await connect(settings.amqp_url, f"{settings.name}:check")
-        async with connection:
-            channel = await open_channel(connection)
-            await channel.declare_queue(JOBS_QUEUE.name, passive=True)
-    except ProgramError as error:
-        print(f"unhealthy: {error}", file=sys.stderr)
-        return 1
-    print("healthy")
-    return 0
+        await check_schema(conn, model)
+    finally:
+        await conn.close()
+    async with await connect(settings.amqp_url, f"{settings.name}:check") as connection:
+        await existing_queue(connection, JOBS_QUEUE.name, hint="run `syncctl topology declare`")
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = _parser()
-    args = parser.parse_args(argv)
-
-    async def program() -> int:
-        settings = load_settings(WorkerSettings, args, parser)
-        configure_logging(log_format=settings.log_format)
-        if args.check:
-            return await check(settings)
-        await until_signal(lambda stop: run_worker(settings, stop))
-        return 0
-
-    run_program("sync-worker", program)
+    run_service(_parser(), WorkerSettings, check=check, serve=run_worker, argv=argv)

@@ -8,7 +8,7 @@ from urllib.parse import unquote, urlsplit
 
 import asyncpg
 
-from broker.connection import where
+from broker.connection import checked_url, where
 from broker.errors import AccessRefused, ConfigurationError, ProgramError
 
 __all__ = ["CONNECT_TIMEOUT", "DatabaseUnavailable", "connect", "create_pool"]
@@ -25,13 +25,11 @@ def _user(url: str) -> str:
 
 
 def _checked(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.scheme not in ("postgresql", "postgres") or not parts.hostname:
-        raise ConfigurationError(
-            "not a PostgreSQL URL (expected postgresql://user:password@host:port/database): "
-            f"scheme {parts.scheme or 'missing'!r}, host {parts.hostname or 'missing'!r}"
-        )
-    return url
+    return checked_url(
+        url,
+        ("postgresql", "postgres"),
+        "PostgreSQL URL (postgresql://user:password@host:port/database)",
+    )
 
 
 def _mapped(url: str, error: Exception) -> ProgramError:
