@@ -43,9 +43,19 @@ OnApplied = Callable[[ChangeBatch], None]
 T = TypeVar("T")
 
 
+def _probe(path: Path) -> None:
+    sqlite3.connect(path).close()
+
+
 async def open_store(path: Path) -> OfflineStore:
-    """The device's store; ``ProgramError`` when SQLite cannot open or write the file."""
+    """The device's store; ``ProgramError`` when SQLite cannot open or write the file.
+
+    The file is opened once in a plain thread first: when aiosqlite itself fails to
+    connect, its thread finishes only after the caller returned, and posts to an event
+    loop the exiting program has closed by then (a traceback at exit).
+    """
     try:
+        await asyncio.to_thread(_probe, path)
         return await OfflineStore.open(path)
     except (sqlite3.Error, OSError) as error:
         raise ProgramError(f"cannot open the device database {path}: {error}") from None

@@ -154,17 +154,18 @@ class OfflineStore(AsyncClosable):
     @classmethod
     async def open(cls, path: str | Path) -> OfflineStore:
         db = await aiosqlite.connect(path, isolation_level=None)
-        # WAL lets the app read while the agent writes; FULL makes a commit durable
-        # before the agent acks the batch it came in.
-        await db.execute("PRAGMA journal_mode=WAL")
-        await db.execute("PRAGMA synchronous=FULL")
-        await db.execute("PRAGMA busy_timeout=5000")
-        await db.executescript(_SCHEMA)
         store = cls(db)
         try:
+            # WAL lets the app read while the agent writes; FULL makes a commit durable
+            # before the agent acks the batch it came in.
+            await db.execute("PRAGMA journal_mode=WAL")
+            await db.execute("PRAGMA synchronous=FULL")
+            await db.execute("PRAGMA busy_timeout=5000")
+            await db.executescript(_SCHEMA)
             await store._upgrade()
             await store._views.load()
         except BaseException:
+            # Closed here, or aiosqlite's thread outlives the program that gave up.
             await db.close()
             raise
         return store

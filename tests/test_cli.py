@@ -33,6 +33,7 @@ async def _run(services: Services, module: str, *args: str, **env: str) -> tuple
     return process.returncode, output.decode()
 
 
+@pytest.mark.usefixtures("schema")
 async def test_worker_check_is_healthy_with_services(services: Services, amqp):
     assert await _run(services, "worker", "--check") == (0, "healthy\n")
 
