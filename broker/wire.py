@@ -9,6 +9,7 @@ precise reason that is safe to log and to send back: input is quoted, never past
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any, TypeVar
 
@@ -56,9 +57,24 @@ def _no_constants(name: str) -> None:
     raise WireError(f"malformed-json: {name} is not a JSON number")
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        # 1e999 is read as infinity, which JSON cannot say and writers turn into null.
+        raise WireError(f"malformed-json: {quoted(text)} is too large for a JSON number")
+    return value
+
+
 def _strict_json(body: bytes) -> object:
     try:
-        return json.loads(body, object_pairs_hook=_unique_keys, parse_constant=_no_constants)
+        # Decoded here, strictly: UTF-16 or a byte order mark is refused, not guessed at.
+        text = body.decode("utf-8")
+        return json.loads(
+            text,
+            object_pairs_hook=_unique_keys,
+            parse_constant=_no_constants,
+            parse_float=_finite,
+        )
     except WireError:
         raise
     except UnicodeDecodeError:
@@ -89,7 +105,9 @@ def decode(model: type[M], body: bytes) -> M:
         raise WireError(f"invalid-{what}: expected a JSON object")
     version = data.get("schema_version")
     if version != model.model_fields["schema_version"].default or type(version) is not int:
-        raise WireError(f"unsupported-schema-version: {quoted(version)}")
+        # As JSON, so the string "1" does not read like the number 1; None when missing.
+        shown = json.dumps(version)[:64] if "schema_version" in data else "None"
+        raise WireError(f"unsupported-schema-version: {shown}")
     try:
         return model.model_validate_json(body, strict=True)
     except ValidationError as error:

@@ -250,7 +250,7 @@ async def test_syncctl_with_a_malformed_amqp_url_is_a_usage_error(services: Serv
     _fails(
         await _run(services, "syncctl", "--amqp-url", "garbage", "status"),
         2,
-        "syncctl: not an AMQP URL",
+        "syncctl: not a RabbitMQ URL",
     )
 
 

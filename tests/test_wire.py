@@ -252,7 +252,7 @@ def test_valid_batch_decodes():
         (_result(objects=[{"entity": "Task", "id": "1", "outcome": "synced"}]), "invalid-result: "),
         (_result(synced="1"), "invalid-result: synced: "),
         (_result(synced=True), "invalid-result: synced: "),
-        (_result(schema_version=None), "unsupported-schema-version: None"),
+        (_result(schema_version=None), "unsupported-schema-version: null"),
     ],
     ids=["object-id-string", "count-string", "count-true", "no-version"],
 )
