@@ -207,15 +207,27 @@ class SyncClient(AsyncClosable):
             reply_to=DIRECT_REPLY_TO if reply else None,
             user_id=self._user_id,
         )
-        await publish_confirmed(
-            # The routing key (the device) lets a hashing exchange keep a device's jobs
-            # on one queue; the fanout exchange ignores it.
-            self._jobs,
-            [message],
-            routing_key=routing_key,
-            timeout=self._publish_timeout,
-            window=1,
-        )
+        try:
+            await publish_confirmed(
+                # The routing key (the device) lets a hashing exchange keep a device's jobs
+                # on one queue; the fanout exchange ignores it.
+                self._jobs,
+                [message],
+                routing_key=routing_key,
+                timeout=self._publish_timeout,
+                window=1,
+            )
+        except BrokerUnavailable as error:
+            alarm = (
+                " The broker is blocking publishers (a memory or disk alarm)."
+                if _blocked(self._connection)
+                else ""
+            )
+            raise BrokerUnavailable(
+                f"job {job_id} was not confirmed: {error}.{alarm} It may have been sent; "
+                f"retrying with the same job_id ({job_id}) is safe: a job id is answered "
+                "once and its retries get the same answer."
+            ) from error
 
     async def _on_result(self, message: AbstractIncomingMessage) -> None:
         try:
@@ -226,6 +238,20 @@ class SyncClient(AsyncClosable):
         future = self._pending.get(message.correlation_id or result.job_id)
         if future is not None and not future.done():
             future.set_result(result)
+
+
+def _blocked(connection: AbstractRobustConnection) -> bool:
+    """Whether the broker told this connection it blocks publishers (connection.blocked).
+
+    aiormq acts on the notification but keeps it in a private event; read defensively.
+    """
+    transport = connection.transport
+    event = (
+        getattr(transport.connection, "_Connection__connection_unblocked", None)
+        if transport
+        else None
+    )
+    return isinstance(event, asyncio.Event) and not event.is_set()
 
 
 def _amqp_user(amqp_url: str) -> str | None:

@@ -27,6 +27,8 @@ __all__ = [
     "DEAD_CHANGES_QUEUE",
     "DEAD_JOBS_EXCHANGE",
     "DEAD_JOBS_QUEUE",
+    "DEAD_LETTER_MAX_LENGTH",
+    "DEAD_LETTER_TTL_SECONDS",
     "DEFAULT_QUEUE_LIMITS",
     "DEVICE_QUEUE_MAX_LENGTH",
     "DEVICE_QUEUE_TTL_SECONDS",
@@ -87,9 +89,18 @@ JOBS_QUEUE = QueueSpec(
     },
     bind_to=JOBS_EXCHANGE.name,
 )
+# Dead letters are kept for inspection, within bounds: past them the oldest go first, so
+# a flood of bad jobs can neither fill the broker nor block the good ones.
+DEAD_LETTER_MAX_LENGTH = 10_000
+DEAD_LETTER_TTL_SECONDS = 7 * 24 * 3600
+_DEAD_LETTER_BOUNDS = {
+    "x-max-length": DEAD_LETTER_MAX_LENGTH,
+    "x-overflow": "drop-head",
+    "x-message-ttl": DEAD_LETTER_TTL_SECONDS * 1000,
+}
 DEAD_JOBS_QUEUE = QueueSpec(
     "sync.jobs.dead",
-    arguments={"x-queue-type": "quorum"},
+    arguments={"x-queue-type": "quorum", **_DEAD_LETTER_BOUNDS},
     bind_to=DEAD_JOBS_EXCHANGE.name,
 )
 
@@ -97,7 +108,7 @@ DEAD_JOBS_QUEUE = QueueSpec(
 # Batches a device lost; the worker marks the device for a full resync from them.
 DEAD_CHANGES_QUEUE = QueueSpec(
     "sync.changes.dead",
-    arguments={"x-queue-type": "quorum"},
+    arguments={"x-queue-type": "quorum", **_DEAD_LETTER_BOUNDS},
     bind_to=DEAD_CHANGES_EXCHANGE.name,
 )
 
@@ -144,7 +155,13 @@ async def declare_exchange(channel: AbstractChannel, spec: ExchangeSpec) -> Abst
 
 
 async def declare_queue(channel: AbstractChannel, spec: QueueSpec) -> AbstractQueue:
-    queue = await channel.declare_queue(spec.name, durable=True, arguments=spec.arguments)
+    try:
+        queue = await channel.declare_queue(spec.name, durable=True, arguments=spec.arguments)
+    except aiormq.exceptions.ChannelPreconditionFailed as error:
+        raise ProgramError(
+            f"queue {spec.name} exists with other arguments than this version declares "
+            f"({error}): move its messages away and delete it, then declare again"
+        ) from None
     if spec.bind_to is not None:
         await queue.bind(spec.bind_to, routing_key=spec.routing_key)
     return queue

@@ -20,10 +20,11 @@ from typing import Any, TypeVar
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 
 from broker.connection import connect, open_channel
-from broker.delivery import ack, nack, retry_while_held
+from broker.delivery import retry_while_held
 from broker.errors import ProgramError
 from broker.health import operations_endpoint
 from broker.models import ChangeBatch, ResyncChange
+from broker.settle import Reject, Settlement, settle
 from broker.topology import device_queue_name, existing_queue
 from broker.wire import WireError, decode, quoted
 from device_agent.metrics import (
@@ -40,6 +41,9 @@ __all__ = ["DeviceAgent", "device_queue", "open_store", "run_agent"]
 log = logging.getLogger(__name__)
 
 OnApplied = Callable[[ChangeBatch], None]
+# A batch that cannot be applied is rejected at once (one attempt): the device queue
+# dead-letters it, and the worker marks the device for a full resync.
+_SETTLEMENT = Settlement(what="batch", attempts=1)
 T = TypeVar("T")
 
 
@@ -189,15 +193,13 @@ class DeviceAgent:
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
         started = time.perf_counter()
-        batch = self._parse(message)
+        batch = await self._parse(message)
         if batch is None:
-            await nack(message, requeue=False)
             return
         applied = await self._apply(message, batch)
         if applied is None:
             return
-        if not await ack(message):
-            return
+        await settle(message, _SETTLEMENT)
         if applied:
             record_applied(len(batch.changes))
             BATCH_APPLY_SECONDS.observe(time.perf_counter() - started)
@@ -230,14 +232,14 @@ class DeviceAgent:
                 transient=(sqlite3.Error,),
                 what=f"batch {batch.batch_id}",
             )
-        except Exception:
+        except Exception as error:
             # A bug or a value SQLite cannot store: requeueing would loop forever.
             record_dropped("unappliable")
-            log.exception(
+            await settle(message, _SETTLEMENT, error)
+            log.error(
                 "batch dropped: cannot be applied",
                 extra={"device_id": batch.device_id, "batch_id": batch.batch_id},
             )
-            await nack(message, requeue=False)
             return None
 
     def _report_resync(self, batch: ChangeBatch) -> None:
@@ -253,11 +255,13 @@ class DeviceAgent:
                     },
                 )
 
-    def _parse(self, message: AbstractIncomingMessage) -> ChangeBatch | None:
+    async def _parse(self, message: AbstractIncomingMessage) -> ChangeBatch | None:
+        """The batch, or ``None`` once a batch this device cannot take was rejected."""
         try:
             batch = decode(ChangeBatch, message.body)
         except WireError as error:
             record_dropped("invalid")
+            await settle(message, _SETTLEMENT, Reject(error.reason))
             log.error(
                 "batch dropped",
                 extra={
@@ -269,6 +273,7 @@ class DeviceAgent:
             return None
         if batch.device_id != self._settings.device_id:
             record_dropped("wrong-device")
+            await settle(message, _SETTLEMENT, Reject("wrong-device"))
             log.error(
                 "batch dropped: addressed to another device",
                 extra={

@@ -269,7 +269,7 @@ async def _no_result(settings: ServerSettings, job_id: str, timeout: float) -> P
     return ProgramError(
         f"no result for job {job_id} within {timeout:g}s; it was sent and may still run. "
         f"{JOBS_QUEUE.name} holds {jobs.message_count} jobs for {jobs.consumer_count} "
-        f"consumers: {advice}."
+        f"consumers: {advice}. Retrying with --job-id {job_id} is safe: the job is run once."
     )
 
 

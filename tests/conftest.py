@@ -124,7 +124,8 @@ async def amqp(services: Services) -> AsyncIterator[aio_pika.abc.AbstractRobustC
 async def pg(services: Services, schema: None, amqp: object) -> AsyncIterator[asyncpg.Connection]:
     conn = await asyncpg.connect(services.database_url)
     await conn.execute(
-        f"TRUNCATE {', '.join(APP_TABLES)}, sync.device, sync.user_role RESTART IDENTITY"
+        f"TRUNCATE {', '.join(APP_TABLES)}, sync.device, sync.user_role, sync.job_result "
+        "RESTART IDENTITY"
     )
     yield conn
     await conn.close()

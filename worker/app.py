@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 import asyncpg
@@ -23,6 +24,7 @@ from worker.consumer import JobConsumer
 from worker.database import create_pool
 from worker.errors import TRANSIENT_ERRORS
 from worker.handler import JobHandler
+from worker.limits import DeviceLimits
 from worker.lost import LostBatchConsumer
 from worker.model import DomainModel, load_model
 from worker.publisher import BatchPublisher
@@ -34,6 +36,8 @@ __all__ = ["Worker", "run_worker"]
 log = logging.getLogger(__name__)
 
 Callback = Callable[[AbstractIncomingMessage], Awaitable[None]]
+FORGET_EVERY = 60.0
+_FORGET = "DELETE FROM sync.job_result WHERE answered_at < now() - make_interval(secs => $1)"
 # A readiness probe that waits longer than this for a pool connection reports not ready.
 READY_TIMEOUT = 2.0
 
@@ -60,15 +64,20 @@ class Worker:
         connection: AbstractRobustConnection,
         pool: asyncpg.Pool,
         model: DomainModel,
+        jobs: JobConsumer,
         *,
-        shutdown_grace: float,
+        settings: WorkerSettings,
     ) -> None:
         self._connection = connection
         self._model = model
-        self._shutdown_grace = shutdown_grace
+        self._jobs = jobs
+        self._shutdown_grace = settings.shutdown_grace
         self._pool = pool
         self._consuming: list[tuple[AbstractQueue, str]] = []
         self._in_hand: set[asyncio.Task[None]] = set()
+        self._forgetting = asyncio.create_task(
+            forget_answers(pool, hours=settings.job_memory_hours)
+        )
 
     @classmethod
     async def start(cls, settings: WorkerSettings, model: DomainModel | None = None) -> Worker:
@@ -76,10 +85,14 @@ class Worker:
         pool = await create_pool(
             settings.database_url,
             min_size=1,
-            # One per job in hand, plus the lost-batch consumer and a resync clear.
-            max_size=settings.prefetch + 2,
-            # The fetches are short; JIT compiling them costs more than it saves.
-            server_settings={"jit": "off"},
+            # One per device run, plus the lost-batch consumer and the answers' pruning.
+            max_size=settings.concurrency + 2,
+            server_settings={
+                # The fetches are short; JIT compiling them costs more than it saves.
+                "jit": "off",
+                # A frozen worker must not hold a device's lock for ever.
+                "idle_in_transaction_session_timeout": str(int(settings.lock_idle_timeout * 1000)),
+            },
             reset=_keep_connection_as_is,
         )
         try:
@@ -98,18 +111,21 @@ class Worker:
             window=settings.confirm_window,
         )
         consumer = JobConsumer(
-            JobHandler(
-                pool,
-                model,
-                publisher,
-                chunk_size=settings.chunk_size,
-                trusted_publishers=settings.trusted_publishers,
-            ),
+            JobHandler(pool, model, publisher, chunk_size=settings.chunk_size),
+            model,
             await declare_exchange(channel, DEAD_JOBS_EXCHANGE),
             channel.default_exchange,
+            trusted_publishers=settings.trusted_publishers,
+            limits=DeviceLimits(
+                rate=settings.device_rate,
+                burst=settings.device_burst,
+                in_hand=settings.device_in_hand,
+            ),
+            slots=settings.concurrency,
+            max_group=settings.max_group,
             publish_timeout=settings.publish_timeout,
         )
-        worker = cls(connection, pool, model, shutdown_grace=settings.shutdown_grace)
+        worker = cls(connection, pool, model, consumer, settings=settings)
         await worker._consume(await channel.get_queue(JOBS_QUEUE.name), consumer.on_message)
         lost = LostBatchConsumer(pool)
         await worker._consume(await channel.get_queue(DEAD_CHANGES_QUEUE.name), lost.on_message)
@@ -150,13 +166,31 @@ class Worker:
         """
         for queue, tag in self._consuming:
             await queue.cancel(tag)
+        started = time.monotonic()
         if self._in_hand:
             _, late = await asyncio.wait(self._in_hand, timeout=self._shutdown_grace)
             for task in late:
                 task.cancel()
+        left = max(0.0, self._shutdown_grace - (time.monotonic() - started))
+        await self._jobs.scheduler.drain(timeout=left)
+        self._forgetting.cancel()
         await self._connection.close()
         await self._pool.close()
         log.info("worker stopped")
+
+
+async def forget_answers(pool: asyncpg.Pool, *, hours: float) -> None:
+    """Forget the answers of jobs older than ``hours``, every minute (each worker does;
+    the deletes are idempotent)."""
+    while True:
+        try:
+            deleted = await pool.execute(_FORGET, hours * 3600)
+        except (*TRANSIENT_ERRORS, asyncpg.PostgresError) as error:
+            log.warning("old job answers not pruned", extra={"error": repr(error)})
+        else:
+            if deleted != "DELETE 0":
+                log.info("old job answers pruned", extra={"rows": int(deleted.split()[1])})
+        await asyncio.sleep(FORGET_EVERY)
 
 
 async def run_worker(settings: WorkerSettings, stop: asyncio.Event) -> None:

@@ -1,9 +1,11 @@
-"""The job consumer: decode, handle, dead-letter bad jobs, reply, and ack at the right time.
+"""The job consumer: admit each job, hand it to its device's turn, answer and settle it.
 
-Ack policy: a job is acked only after the broker confirmed all its batches (or after a
-rejected job reached the dead-letter queue). Transient failures are retried in place with
-backoff while the delivery is still ours; anything unexpected is returned to the queue,
-where the quorum queue's delivery limit dead-letters a job that keeps failing.
+A delivery is checked on arrival (the body, the publisher, the names, the device's rate)
+and a job that can never succeed is rejected at once. Good jobs wait for their device in
+the ``DeviceScheduler``; a run serves all of a device's jobs in hand together. Each job
+still gets its own result, then is settled by ``broker.settle``: acked only after the
+broker confirmed its batches, dead-lettered with its reason when rejected, handed back
+when something failed (the jobs queue counts the attempts).
 """
 
 from __future__ import annotations
@@ -11,27 +13,31 @@ from __future__ import annotations
 import logging
 import re
 import time
-from functools import partial
+from collections.abc import Collection
+from dataclasses import dataclass, field
 
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
 
 from broker.accounts import device_of_account
 from broker.client import DIRECT_REPLY_TO
-from broker.delivery import ack, delivery_count, nack, retry_while_held
-from broker.errors import PUBLISH_FAILED, BrokerUnavailable, Refused
-from broker.models import JOB_ID_PATTERN, SyncJob, SyncResult
-from broker.publishing import json_message, publish_confirmed
+from broker.errors import PUBLISH_FAILED
+from broker.models import JOB_ID_PATTERN, MAX_OBJECTS_PER_JOB, SyncJob, SyncResult
+from broker.publishing import json_message
+from broker.settle import Reject, Settlement, settle
 from broker.topology import JOB_DELIVERY_LIMIT
 from broker.wire import WireError, decode
+from worker.eligibility import check_job_names
 from worker.errors import TRANSIENT_ERRORS, JobRejected
-from worker.handler import JobHandler
-from worker.metrics import record_failed_job, record_job
+from worker.handler import Claimed, JobHandler, claim, ignored
+from worker.limits import DeviceLimits
+from worker.metrics import DEVICE_LOCK_WAIT, record_failed_job, record_job
+from worker.model import DomainModel
+from worker.scheduler import Busy, DeviceScheduler
 
-__all__ = ["JobConsumer", "job_id_of"]
+__all__ = ["USER_HEADER", "JobConsumer", "job_id_of"]
 
 log = logging.getLogger(__name__)
 
-REASON_HEADER = "x-sync-reason"
 # The AMQP user that published the job; the broker validated it on the way in.
 USER_HEADER = "x-sync-user-id"
 
@@ -44,123 +50,155 @@ def job_id_of(message: AbstractIncomingMessage) -> str:
     return candidate if re.fullmatch(JOB_ID_PATTERN, candidate) else "invalid-job-id"
 
 
-def _device(message: AbstractIncomingMessage, job: SyncJob | None) -> str:
-    """The device to name in logs: a device account's own, never one its body claims."""
-    own = device_of_account(message.user_id)
-    if own is not None:
-        return own
-    return job.session.device_id if job else "unknown"
+def _publisher_header(message: AbstractIncomingMessage) -> dict[str, str]:
+    return {USER_HEADER: message.user_id or ""}
+
+
+@dataclass(eq=False)
+class Pending:
+    """A job in hand, waiting for its device's turn."""
+
+    message: AbstractIncomingMessage
+    claimed: Claimed
+    received: float = field(default_factory=time.perf_counter)
+    # Set after a run of several jobs failed unexpectedly: the job then runs alone, so one
+    # poison job cannot take the others of its device down with it.
+    alone: bool = False
 
 
 class JobConsumer:
     def __init__(
         self,
         handler: JobHandler,
+        model: DomainModel,
         dead_jobs: AbstractExchange,
         results: AbstractExchange,
         *,
+        trusted_publishers: Collection[str],
+        limits: DeviceLimits,
+        slots: int,
+        max_group: int,
         publish_timeout: float,
     ) -> None:
         self._handler = handler
-        self._dead_jobs = dead_jobs
+        self._model = model
         self._results = results
+        self._trusted = frozenset(trusted_publishers)
+        self._limits = limits
         self._publish_timeout = publish_timeout
+        self._settlement = Settlement(
+            what="job",
+            attempts=JOB_DELIVERY_LIMIT,
+            dead_letters=dead_jobs,
+            timeout=publish_timeout,
+            headers=_publisher_header,
+            id_of=job_id_of,
+        )
+        self.scheduler: DeviceScheduler[Pending] = DeviceScheduler(
+            self._run,
+            slots=slots,
+            max_group=max_group,
+            weight=self._weight,
+            max_weight=MAX_OBJECTS_PER_JOB,
+        )
+
+    @staticmethod
+    def _weight(pending: Pending) -> int:
+        return MAX_OBJECTS_PER_JOB + 1 if pending.alone else max(1, len(pending.claimed.targets))
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
+        """Admit one delivery: reject it now, answer it now, or queue it for its device."""
         started = time.perf_counter()
         try:
             job = decode(SyncJob, message.body)
         except WireError as error:
-            await self._reject(message, started, job_id_of(message), error.reason)
+            await self._answer(message, started, None, error=Reject(error.reason))
             return
         try:
-            result = await retry_while_held(
-                message,
-                partial(self._handler.handle, job, message.user_id),
-                transient=TRANSIENT_ERRORS,
-                what=f"job {job.job_id}",
-            )
+            device_id, claimed_user = claim(job, message.user_id, self._trusted)
+            if job.origin != "nanoflow":
+                result = ignored(job, "not-called-from-nanoflow")
+                await self._answer(message, started, job, result=result)
+                return
+            targets = job.targets()
+            check_job_names(job, self._model, targets)
+            if not self._limits.admit(device_id, in_hand=self.scheduler.waiting(device_id)):
+                raise JobRejected("rate-limited")
         except JobRejected as rejected:
-            await self._reject(message, started, job.job_id, rejected.reason, job)
+            await self._answer(message, started, job, error=Reject(rejected.reason))
             return
+        pending = Pending(message, Claimed(job, device_id, claimed_user, targets), started)
+        self.scheduler.submit(device_id, pending)
+
+    async def _run(self, device_id: str, group: list[Pending]) -> None:
+        """Serve a device's jobs in hand; raises ``Busy`` to be tried again later."""
+        # A delivery whose channel is gone is the broker's again: it hands it over anew.
+        live = [pending for pending in group if not pending.message.channel.is_closed]
+        if not live:
+            return
+        try:
+            outcomes = await self._handler.handle(device_id, [p.claimed for p in live])
+        except Busy:
+            raise
+        except TRANSIENT_ERRORS as error:
+            log.warning(
+                "transient error; the device is tried again",
+                extra={"device_id": device_id, "jobs": len(live), "error": repr(error)},
+            )
+            raise Busy(device_id) from error
         except Exception as error:
-            await self._failed(message, started, job, error)
+            if len(live) > 1:
+                # Which job is poison is not known: each runs alone from now on.
+                for pending in live:
+                    pending.alone = True
+                raise Busy(device_id) from error
+            only = live[0]
+            await self._answer(only.message, only.received, only.claimed.job, error=error)
             return
+        for pending, outcome in zip(live, outcomes, strict=True):
+            DEVICE_LOCK_WAIT.observe(time.perf_counter() - pending.received)
+            job = pending.claimed.job
+            if isinstance(outcome, JobRejected):
+                await self._answer(
+                    pending.message, pending.received, job, error=Reject(outcome.reason)
+                )
+            else:
+                await self._answer(pending.message, pending.received, job, result=outcome)
+
+    async def _answer(
+        self,
+        message: AbstractIncomingMessage,
+        started: float,
+        job: SyncJob | None,
+        *,
+        error: BaseException | None = None,
+        result: SyncResult | None = None,
+    ) -> None:
+        """Settle ``message``, then answer the caller: ``result``, or the rejection. A job
+        handed back to be tried again gets no answer yet."""
+        reason = await settle(message, self._settlement, error)
+        job_id = job.job_id if job is not None else job_id_of(message)
+        seconds = time.perf_counter() - started
+        if reason is not None:
+            result = SyncResult(job_id=job_id, status="rejected", reason=reason)
         if result is None:
+            record_failed_job(seconds)
             return
+        record_job(result, seconds)
         await self._reply(message, result)
-        await ack(message)
-        record_job(result, time.perf_counter() - started)
         log.info(
-            "job done",
+            "job " + ("rejected" if reason else result.status),
             extra={
-                "job_id": job.job_id,
+                "job_id": job_id,
                 "publisher": message.user_id,
                 "device_id": _device(message, job),
-                "status": result.status,
+                "reason": result.reason,
                 "synced": result.synced,
                 "removed": result.removed,
                 "skipped": result.skipped,
                 "batches": len(result.batch_ids),
-                "ms": (time.perf_counter() - started) * 1000,
+                "ms": seconds * 1000,
             },
-        )
-
-    async def _failed(
-        self, message: AbstractIncomingMessage, started: float, job: SyncJob, error: Exception
-    ) -> None:
-        """A bug or a broken database, not bad input: try again, but not forever."""
-        attempt = delivery_count(message) + 1
-        log.error(
-            "job failed",
-            exc_info=error,
-            extra={
-                "job_id": job.job_id,
-                "device_id": _device(message, job),
-                "attempt": attempt,
-                "attempts": JOB_DELIVERY_LIMIT,
-            },
-        )
-        if attempt < JOB_DELIVERY_LIMIT:
-            record_failed_job(time.perf_counter() - started)
-            await nack(message, requeue=True)
-            return
-        # The last attempt dead-letters the job itself, so the caller learns why (the
-        # broker's own delivery limit is the backstop if this worker dies first).
-        reason = f"job-failed: {type(error).__name__} on {attempt} attempts"
-        await self._reject(message, started, job.job_id, reason, job)
-
-    async def _reject(
-        self,
-        message: AbstractIncomingMessage,
-        started: float,
-        job_id: str,
-        reason: str,
-        job: SyncJob | None = None,
-    ) -> None:
-        """Dead-letter the job with its reason, answer ``rejected``, then ack it."""
-        dead = json_message(
-            message.body,
-            message_id=job_id,
-            headers={REASON_HEADER: reason, USER_HEADER: message.user_id or ""},
-        )
-        try:
-            await publish_confirmed(
-                self._dead_jobs, [dead], routing_key="", timeout=self._publish_timeout, window=1
-            )
-        except (BrokerUnavailable, Refused):
-            log.warning(
-                "dead-letter publish failed; job returned to the queue", extra={"job_id": job_id}
-            )
-            await nack(message, requeue=True)
-            return
-        result = SyncResult(job_id=job_id, status="rejected", reason=reason)
-        await self._reply(message, result)
-        await ack(message)
-        record_job(result, time.perf_counter() - started)
-        log.info(
-            "job rejected",
-            extra={"job_id": job_id, "device_id": _device(message, job), "reason": reason},
         )
 
     async def _reply(self, message: AbstractIncomingMessage, result: SyncResult) -> None:
@@ -184,3 +222,11 @@ class JobConsumer:
             )
         except PUBLISH_FAILED as error:
             log.warning("result not sent", extra={"job_id": result.job_id, "error": repr(error)})
+
+
+def _device(message: AbstractIncomingMessage, job: SyncJob | None) -> str:
+    """The device to name in logs: a device account's own, never one its body claims."""
+    own = device_of_account(message.user_id)
+    if own is not None:
+        return own
+    return job.session.device_id if job else "unknown"

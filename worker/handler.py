@@ -1,42 +1,98 @@
-"""Handles one sync job: the session checks, the read, the decision and the publish."""
+"""Handles the jobs of one device that a worker has in hand, together: the device checks,
+one read of the union of their targets, the decisions, one stream of batches.
+
+The device is taken with ``pg_try_advisory_xact_lock``: a device another worker is
+serving raises ``Busy`` at once, so no job ever waits for a device while it holds a
+database connection (the scheduler parks the device and tries again). The lock is held
+from the read until the broker confirmed the batches and the transaction commits, so two
+workers cannot interleave one device's jobs: the later reader always publishes later.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import itertools
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 
 import asyncpg
 from pydantic import ValidationError
 
 from broker.accounts import device_of_account
-from broker.models import ResyncChange, Session, SyncJob, SyncResult
+from broker.errors import Refused, Unroutable
+from broker.models import ObjectKey, ResyncChange, Session, SyncJob, SyncResult
 from worker.access import AccessPolicy
-from worker.eligibility import check_job_names, decide
+from worker.eligibility import Decision, decide
 from worker.errors import JobRejected
-from worker.metrics import DEVICE_LOCK_WAIT
 from worker.model import DomainModel
-from worker.publisher import BatchPublisher
+from worker.publisher import BatchPublisher, EncodedBatch
 from worker.resolver import fetch_rows
+from worker.scheduler import Busy
 
-__all__ = ["DEVICE_LOCK_CLASS", "JobHandler", "ignored"]
+__all__ = ["DEVICE_LOCK_CLASS", "Claimed", "JobHandler", "Outcome", "claim", "ignored"]
 
 # Namespaces the per-device advisory locks among any other advisory locks of the database.
 DEVICE_LOCK_CLASS = 0x5D0C
 
-# Held from here until the batches are confirmed, so two workers cannot interleave one
-# device's jobs: the later reader always publishes later. It is its own statement: under
-# READ COMMITTED a statement reads a snapshot taken when it starts, so only statements
-# after this one see what the previous job of the device committed.
-_LOCK_DEVICE = "SELECT pg_advisory_xact_lock($1, hashtext($2))"
-# The device and its user's roles (always from PostgreSQL, never from the job).
+# Its own statement: under READ COMMITTED a statement reads a snapshot taken when it
+# starts, so only statements after this one see what the previous run of the device
+# committed.
+_TRY_LOCK = "SELECT pg_try_advisory_xact_lock($1, hashtext($2))"
+# The device, its user's roles (always from PostgreSQL, never from the job), and which of
+# the jobs in hand it has answered before (a caller that retried with the same job id).
 _READ_DEVICE = """
 SELECT d.user_id, d.offline, d.resync_reason, d.resync_since,
-       ARRAY(SELECT r.role FROM sync.user_role r WHERE r.user_id = d.user_id) AS roles
+       ARRAY(SELECT r.role FROM sync.user_role r WHERE r.user_id = d.user_id) AS roles,
+       ARRAY(SELECT j.job_id FROM sync.job_result j
+             WHERE j.device_id = d.device_id AND j.job_id = ANY($2::text[])) AS answered
 FROM sync.device d WHERE d.device_id = $1
 """
+_ANSWERS = "SELECT job_id, result FROM sync.job_result WHERE device_id = $1 AND job_id = ANY($2)"
+_REMEMBER = """
+INSERT INTO sync.job_result (device_id, job_id, result)
+SELECT $1, job_id, result FROM unnest($2::text[], $3::text[]) AS t(job_id, result)
+ON CONFLICT DO NOTHING
+"""
+# The device was just told to resync: the mark goes (unless a newer loss moved it).
+_RESYNC_ANNOUNCED = (
+    "UPDATE sync.device SET resync_reason = NULL, resync_since = NULL "
+    "WHERE device_id = $1 AND resync_since = $2"
+)
+
+
+@dataclass(frozen=True, eq=False)
+class Claimed:
+    """A valid job, the device it is for, the user it claims (``None`` for a device's own
+    account) and its targets, computed once."""
+
+    job: SyncJob
+    device_id: str
+    claimed_user: int | None
+    targets: list[ObjectKey]
+
+
+# What a job of a group comes to: its result, or why it is rejected.
+Outcome = SyncResult | JobRejected
 
 
 def ignored(job: SyncJob, reason: str) -> SyncResult:
     return SyncResult(job_id=job.job_id, status="ignored", reason=reason)
+
+
+def claim(
+    job: SyncJob, publisher: str | None, trusted_publishers: Collection[str]
+) -> tuple[str, int | None]:
+    """The device ``job`` is for, and the user it claims (to check) if any.
+
+    A device account speaks for its own device only: the session in the body is ignored
+    and the user is the device's registered owner. A trusted account (the app server)
+    may name any session, which must then own the device.
+    """
+    own_device = device_of_account(publisher)
+    if own_device is not None:
+        return own_device, None
+    if publisher in trusted_publishers:
+        return job.session.device_id, job.session.user_id
+    raise JobRejected(f"untrusted-publisher: {publisher or 'no user_id'}")
 
 
 def _session(user_id: int, device_id: str) -> Session:
@@ -54,11 +110,22 @@ def _resync_change(device: asyncpg.Record) -> ResyncChange | None:
     return ResyncChange(reason=device["resync_reason"], since=device["resync_since"])
 
 
-class JobHandler:
-    """Turns a valid ``SyncJob`` into confirmed change batches and a ``SyncResult``.
+def _result(job: SyncJob, decision: Decision, batches: Sequence[EncodedBatch]) -> SyncResult:
+    return SyncResult(
+        job_id=job.job_id,
+        status="done",
+        synced=decision.count("synced"),
+        removed=decision.count("removed"),
+        skipped=decision.count("skipped"),
+        objects=tuple(decision.outcomes),
+        batch_ids=tuple(batch.batch_id for batch in batches),
+    )
 
-    Raises ``JobRejected`` for jobs that can never succeed; transient errors propagate.
-    """
+
+class JobHandler:
+    """Turns the claimed jobs of one device into confirmed change batches and a result
+    per job. Raises ``Busy`` when another worker serves the device; transient errors
+    propagate; a job that can never succeed comes back as a ``JobRejected``."""
 
     def __init__(
         self,
@@ -67,78 +134,105 @@ class JobHandler:
         publisher: BatchPublisher,
         *,
         chunk_size: int,
-        trusted_publishers: Collection[str],
     ) -> None:
         self._pool = pool
-        self._model = model
         self._policy = AccessPolicy(model)
         self._publisher = publisher
         self._chunk_size = chunk_size
-        self._trusted_publishers = frozenset(trusted_publishers)
 
-    async def handle(self, job: SyncJob, publisher: str | None) -> SyncResult:
-        """Handle ``job`` published by the AMQP account ``publisher`` (checked by the broker)."""
-        device_id, claimed_user = self._claim(job, publisher)
-        if job.origin != "nanoflow":
-            return ignored(job, "not-called-from-nanoflow")
-        async with self._pool.acquire() as conn, conn.transaction(readonly=True):
-            with DEVICE_LOCK_WAIT.time():
-                await conn.execute(_LOCK_DEVICE, DEVICE_LOCK_CLASS, device_id)
-            device = await conn.fetchrow(_READ_DEVICE, device_id)
+    async def handle(self, device_id: str, claimed: Sequence[Claimed]) -> list[Outcome]:
+        """One outcome per job of ``claimed``, in order."""
+        job_ids = [c.job.job_id for c in claimed]
+        async with self._pool.acquire() as conn, conn.transaction():
+            if not await conn.fetchval(_TRY_LOCK, DEVICE_LOCK_CLASS, device_id):
+                raise Busy(device_id)
+            device = await conn.fetchrow(_READ_DEVICE, device_id, job_ids)
             if device is None:
-                raise JobRejected("unknown-device")
-            if claimed_user is not None and device["user_id"] != claimed_user:
-                raise JobRejected("device-not-owned")
-            session = _session(device["user_id"], device_id)
-            if not device["offline"]:
-                return ignored(job, "online-app")
-            targets = job.targets()
-            check_job_names(job, self._model, targets)
-            rows = await fetch_rows(
-                conn,
-                self._policy,
-                targets,
-                session=session,
-                roles=frozenset(device["roles"]),
-                chunk_size=self._chunk_size,
+                return [JobRejected("unknown-device")] * len(claimed)
+            outcomes = await self._serve(conn, device_id, device, claimed)
+        return outcomes
+
+    async def _serve(
+        self,
+        conn: asyncpg.Connection,
+        device_id: str,
+        device: asyncpg.Record,
+        claimed: Sequence[Claimed],
+    ) -> list[Outcome]:
+        outcomes: dict[int, Outcome] = {}
+        answered = set(device["answered"])
+        first_of: dict[str, int] = {}
+        to_run: list[tuple[int, Claimed]] = []
+        for index, item in enumerate(claimed):
+            if item.claimed_user is not None and device["user_id"] != item.claimed_user:
+                outcomes[index] = JobRejected("device-not-owned")
+            elif not device["offline"]:
+                outcomes[index] = ignored(item.job, "online-app")
+            elif item.job.job_id not in answered and item.job.job_id not in first_of:
+                first_of[item.job.job_id] = index
+                to_run.append((index, item))
+        if to_run:
+            try:
+                results = await self._run(conn, device_id, device, [c for _, c in to_run])
+            except JobRejected as rejected:
+                results = [rejected] * len(to_run)
+            outcomes.update(zip((index for index, _ in to_run), results, strict=True))
+        # Retries of a job already answered, in hand now or earlier: the same answer.
+        earlier = {job_id: outcomes[index] for job_id, index in first_of.items()}
+        if answered:
+            stored = await conn.fetch(_ANSWERS, device_id, list(answered))
+            earlier.update(
+                (row["job_id"], SyncResult.model_validate_json(row["result"])) for row in stored
             )
-            decision = decide(job, targets, rows)
-            resync = _resync_change(device)
-            changes = [resync, *decision.changes] if resync else decision.changes
-            batch_ids = await self._publisher.publish(job.job_id, session.device_id, changes)
-            if resync is not None:
-                # Still under the device lock: no later job's batch can be lost unseen.
-                await self._resync_announced(session.device_id, resync)
-        return SyncResult(
-            job_id=job.job_id,
-            status="done",
-            synced=decision.count("synced"),
-            removed=decision.count("removed"),
-            skipped=decision.count("skipped"),
-            objects=tuple(decision.outcomes),
-            batch_ids=tuple(batch_ids),
+        return [
+            outcomes[index] if index in outcomes else earlier[item.job.job_id]
+            for index, item in enumerate(claimed)
+        ]
+
+    async def _run(
+        self,
+        conn: asyncpg.Connection,
+        device_id: str,
+        device: asyncpg.Record,
+        claimed: Sequence[Claimed],
+    ) -> list[Outcome]:
+        """Read once for all of ``claimed``, decide per job, publish every batch in one
+        stream, remember the answers; all under the device's lock."""
+        session = _session(device["user_id"], device_id)
+        union = list(dict.fromkeys(itertools.chain.from_iterable(c.targets for c in claimed)))
+        rows = await fetch_rows(
+            conn,
+            self._policy,
+            union,
+            session=session,
+            roles=frozenset(device["roles"]),
+            chunk_size=self._chunk_size,
         )
-
-    def _claim(self, job: SyncJob, publisher: str | None) -> tuple[str, int | None]:
-        """The device the job is for, and the user it claims (to check) if any.
-
-        A device account speaks for its own device only: the session in the body is
-        ignored and the user is the device's registered owner. A trusted account (the app
-        server) may name any session, which must then own the device.
-        """
-        own_device = device_of_account(publisher)
-        if own_device is not None:
-            return own_device, None
-        if publisher in self._trusted_publishers:
-            return job.session.device_id, job.session.user_id
-        raise JobRejected(f"untrusted-publisher: {publisher or 'no user_id'}")
-
-    async def _resync_announced(self, device_id: str, resync: ResyncChange) -> None:
-        """Clear the mark the device was just told about (on another connection: the job's
-        transaction is read-only)."""
-        await self._pool.execute(
-            "UPDATE sync.device SET resync_reason = NULL, resync_since = NULL "
-            "WHERE device_id = $1 AND resync_since = $2",
+        resync = _resync_change(device)
+        per_job: list[tuple[SyncJob, Decision, list[EncodedBatch]]] = []
+        for position, item in enumerate(claimed):
+            decision = decide(item.job, item.targets, rows)
+            changes = decision.changes
+            if resync is not None and position == 0:
+                changes = [resync, *changes]
+            batches = self._publisher.encode(item.job.job_id, device_id, changes)
+            per_job.append((item.job, decision, batches))
+        try:
+            await self._publisher.publish(device_id, [b for _, _, bs in per_job for b in bs])
+        except Unroutable:
+            raise JobRejected("no-device-queue") from None
+        except Refused:
+            # The queue dead-lettered the refused batch, so the device gets marked for
+            # a resync; the callers learn now.
+            raise JobRejected("device-queue-full") from None
+        results = [_result(job, decision, batches) for job, decision, batches in per_job]
+        await conn.execute(
+            _REMEMBER,
             device_id,
-            resync.since,
+            [result.job_id for result in results],
+            [result.model_dump_json() for result in results],
         )
+        if resync is not None:
+            # Still under the device lock: no later job's batch can be lost unseen.
+            await conn.execute(_RESYNC_ANNOUNCED, device_id, resync.since)
+        return list(results)

@@ -8,14 +8,14 @@ job starts with a ``ResyncChange``, which tells the agent (see ``worker.handler`
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from functools import partial
 
 import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
 
-from broker.delivery import ack, delivery_count, nack, retry_while_held
+from broker.delivery import retry_while_held
+from broker.settle import Reject, Settlement, settle
 from broker.topology import device_queue_name
 from worker.errors import TRANSIENT_ERRORS
 from worker.metrics import LOST_BATCHES
@@ -42,15 +42,20 @@ def lost_device(message: AbstractIncomingMessage) -> tuple[str, str] | None:
 class LostBatchConsumer:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
+        # Not transient (say, the schema lacks the resync columns): retried slowly, a few
+        # times, then given up loudly rather than looped on for ever.
+        self._settlement = Settlement(
+            what="lost-batch", attempts=MARK_ATTEMPTS, retry_delay=MARK_RETRY_DELAY
+        )
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
         lost = lost_device(message)
         if lost is None:
+            await settle(message, self._settlement, Reject("names no device queue"))
             log.error(
-                "dead-lettered batch names no device queue",
+                "dead-lettered batch names no device queue; dropped",
                 extra={"message_id": message.message_id},
             )
-            await ack(message)
             return
         device_id, reason = lost
         try:
@@ -61,42 +66,20 @@ class LostBatchConsumer:
                 what=f"lost batch {message.message_id}",
             )
         except Exception as error:
-            await self._failed(message, device_id, error)
+            if await settle(message, self._settlement, error) is not None:
+                log.error(
+                    "lost batch: giving up; the device must resync everything by hand",
+                    extra={"device_id": device_id, "batch_id": message.message_id},
+                )
             return
         if marked is None:
             return
-        await ack(message)
+        await settle(message, self._settlement)
         LOST_BATCHES.inc()
         log.warning(
             "batch lost; device marked for resync",
             extra={"device_id": device_id, "batch_id": message.message_id, "reason": reason},
         )
-
-    async def _failed(
-        self, message: AbstractIncomingMessage, device_id: str, error: Exception
-    ) -> None:
-        """Not transient (say, the schema lacks the resync columns): retry slowly, a few
-        times, then give up loudly rather than loop forever."""
-        attempt = delivery_count(message) + 1
-        log.error(
-            "lost batch: device not marked for resync",
-            exc_info=error,
-            extra={
-                "device_id": device_id,
-                "batch_id": message.message_id,
-                "attempt": attempt,
-                "attempts": MARK_ATTEMPTS,
-            },
-        )
-        if attempt < MARK_ATTEMPTS:
-            await asyncio.sleep(MARK_RETRY_DELAY)
-            await nack(message, requeue=True)
-            return
-        log.error(
-            "lost batch: giving up; the device must resync everything by hand",
-            extra={"device_id": device_id, "batch_id": message.message_id},
-        )
-        await ack(message)
 
     async def _mark(self, device_id: str, reason: str) -> bool:
         # The first loss's time is kept: the device must resync everything since then.

@@ -46,7 +46,7 @@ BATCHES_PUBLISHED = Counter(
 )
 DEVICE_LOCK_WAIT = Histogram(
     "sync_device_lock_wait_seconds",
-    "Time spent waiting for a device's advisory lock.",
+    "Time a job waited in the worker for its device's turn (busy here or in another worker).",
     buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 LOST_BATCHES = Counter(

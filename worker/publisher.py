@@ -10,10 +10,8 @@ from aio_pika.abc import AbstractExchange
 from pydantic import TypeAdapter
 from typing_extensions import TypedDict
 
-from broker.errors import Refused, Unroutable
 from broker.models import Change
 from broker.publishing import json_message, publish_confirmed
-from worker.errors import JobRejected
 
 __all__ = ["BatchPublisher", "EncodedBatch", "batch_id", "encode_batch"]
 
@@ -46,6 +44,7 @@ def batch_id(job_id: str, changes_json: bytes) -> str:
 @dataclass(frozen=True, slots=True)
 class EncodedBatch:
     batch_id: str
+    job_id: str
     body: bytes
 
 
@@ -60,7 +59,7 @@ def encode_batch(job_id: str, device_id: str, changes: tuple[Change, ...]) -> En
     envelope = _ENVELOPE.dump_json(
         {"schema_version": 1, "batch_id": the_id, "job_id": job_id, "device_id": device_id}
     )
-    return EncodedBatch(the_id, envelope[:-1] + b',"changes":' + changes_json + b"}")
+    return EncodedBatch(the_id, job_id, envelope[:-1] + b',"changes":' + changes_json + b"}")
 
 
 class BatchPublisher:
@@ -72,28 +71,25 @@ class BatchPublisher:
         self._timeout = timeout
         self._window = window
 
-    async def publish(self, job_id: str, device_id: str, changes: Sequence[Change]) -> list[str]:
-        """Publish ``changes`` in batches; returns the batch ids once all are confirmed."""
-        batches = [
+    def encode(self, job_id: str, device_id: str, changes: Sequence[Change]) -> list[EncodedBatch]:
+        """``changes`` cut into batches of at most ``batch_size``."""
+        return [
             encode_batch(job_id, device_id, tuple(changes[start : start + self._batch_size]))
             for start in range(0, len(changes), self._batch_size)
         ]
+
+    async def publish(self, device_id: str, batches: Sequence[EncodedBatch]) -> None:
+        """Publish ``batches`` to the device, in order, confirmed in windows; returns once
+        the broker confirmed them all. Raises ``Unroutable`` (no device queue),
+        ``Refused`` (the queue is full) or ``BrokerUnavailable``."""
         messages = [
-            json_message(batch.body, message_id=batch.batch_id, correlation_id=job_id)
+            json_message(batch.body, message_id=batch.batch_id, correlation_id=batch.job_id)
             for batch in batches
         ]
-        try:
-            await publish_confirmed(
-                self._exchange,
-                messages,
-                routing_key=device_id,
-                timeout=self._timeout,
-                window=self._window,
-            )
-        except Unroutable:
-            raise JobRejected("no-device-queue") from None
-        except Refused:
-            # The queue dead-lettered the refused batch, so the device gets marked for
-            # a resync; this job's caller learns now.
-            raise JobRejected("device-queue-full") from None
-        return [batch.batch_id for batch in batches]
+        await publish_confirmed(
+            self._exchange,
+            messages,
+            routing_key=device_id,
+            timeout=self._timeout,
+            window=self._window,
+        )

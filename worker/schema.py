@@ -34,6 +34,16 @@ CREATE TABLE IF NOT EXISTS sync.device (
 -- Set when batches for the device were lost; cleared once it was told to resync.
 ALTER TABLE sync.device ADD COLUMN IF NOT EXISTS resync_reason text;
 ALTER TABLE sync.device ADD COLUMN IF NOT EXISTS resync_since timestamptz;
+-- The answers of the jobs run, by device and job id, so a caller that retries with the
+-- same job id gets the same answer and effect; workers forget them after a while.
+CREATE TABLE IF NOT EXISTS sync.job_result (
+    device_id text NOT NULL,
+    job_id text NOT NULL,
+    result text NOT NULL,
+    answered_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (device_id, job_id)
+);
+CREATE INDEX IF NOT EXISTS job_result_answered_at ON sync.job_result (answered_at);
 -- One sequence for all tables: a row's version only ever grows, in commit order per row.
 CREATE SEQUENCE IF NOT EXISTS sync.version_seq;
 CREATE OR REPLACE FUNCTION sync.bump_version() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -117,7 +127,8 @@ async def create_worker_role(
     conn: asyncpg.Connection, model: DomainModel, role: str, password: str
 ) -> None:
     """Create (or update) the role workers log in with: it reads the application tables and
-    ``sync``'s, and may write only the device's resync mark. Safe to run again.
+    ``sync``'s, and may write only the device's resync mark and the jobs' answers. Safe to
+    run again.
 
     Example::
 
@@ -146,6 +157,7 @@ async def create_worker_role(
         await conn.execute(
             f"GRANT UPDATE (resync_reason, resync_since) ON sync.device TO {grantee}"
         )
+        await conn.execute(f"GRANT SELECT, INSERT, DELETE ON sync.job_result TO {grantee}")
         for table in tables:
             await conn.execute(f"GRANT SELECT ON {quote_table(table)} TO {grantee}")
 

@@ -26,6 +26,7 @@ _CONVENTIONS = {"id": _INTEGERS, "version": frozenset({"bigint"}), "autocommitte
 _SYNC_TABLES = {
     "sync.device": ("device_id", "user_id", "offline"),
     "sync.user_role": ("user_id", "role"),
+    "sync.job_result": ("device_id", "job_id", "result", "answered_at"),
 }
 
 _COLUMNS = """

@@ -35,8 +35,24 @@ class ServerSettings(BrokerSettings):
 
 class WorkerSettings(ServerSettings):
     name: str = "sync-worker"
-    # Jobs in hand at once; each holds one database connection while it runs.
-    prefetch: int = Field(default=16, ge=1, le=1000)
+    # Jobs in hand at once, running or waiting for their device's turn. A frozen worker
+    # delays the jobs it holds, so this stays small.
+    prefetch: int = Field(default=32, ge=1, le=1000)
+    # Devices served at once; each run holds one database connection.
+    concurrency: int = Field(default=16, ge=1, le=1000)
+    # Jobs of one device served together in one run (one read, one stream of batches).
+    max_group: int = Field(default=64, ge=1, le=1000)
+    # Per device, in this worker: jobs per second (a token bucket with this burst) and
+    # jobs in hand. A job past either is answered `rejected: rate-limited`.
+    device_rate: float = Field(default=50.0, gt=0)
+    device_burst: int = Field(default=100, ge=1)
+    device_in_hand: int = Field(default=8, ge=1)
+    # How long a job's answer is remembered, so a retry with the same job id is answered
+    # the same and changes nothing (SPEC §7, idempotent submission).
+    job_memory_hours: float = Field(default=24.0, gt=0)
+    # A run that holds a device's lock this long without a statement (its worker frozen,
+    # say) is ended by PostgreSQL, which frees the device for the other workers.
+    lock_idle_timeout: float = Field(default=60.0, gt=0)
     batch_size: int = Field(default=500, ge=1, le=10_000)
     chunk_size: int = Field(default=5_000, ge=1, le=100_000)
     publish_timeout: float = Field(default=10.0, gt=0)
