@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
@@ -79,20 +79,34 @@ class Settlement:
     )
 
 
+Answer = Callable[[str | None], Awaitable[None]]
+
+
+async def _no_answer(reason: str | None) -> None:
+    return None
+
+
 async def settle(
-    message: AbstractIncomingMessage, policy: Settlement, error: BaseException | None = None
+    message: AbstractIncomingMessage,
+    policy: Settlement,
+    error: BaseException | None = None,
+    *,
+    answer: Answer = _no_answer,
 ) -> str | None:
     """Settle ``message`` after its handler returned (``error`` is ``None``) or raised.
 
-    Returns the reason when the message was rejected (the caller answers with it), else
-    ``None``. A handler's ``asyncio.CancelledError`` is not settled: the delivery stays
-    unacked and the broker hands it over again once the channel closes.
+    ``answer(reason)`` runs just before the ack: with ``None`` on success, with the reason
+    once a rejection is dead-lettered; never for a message handed back. Answering before
+    the ack means a process that dies in between leaves the message to be redelivered
+    (and answered again), never acked and unanswered. Returns the rejection's reason, or
+    ``None``.
     """
     if error is None:
+        await answer(None)
         await ack(message)
         return None
     if isinstance(error, Reject):
-        return await _reject(message, policy, error.reason)
+        return await _reject(message, policy, error.reason, answer)
     retry = error if isinstance(error, Retry) else Retry(error)
     attempt = delivery_count(message) + 1
     log.error(
@@ -113,12 +127,15 @@ async def settle(
     # The last attempt rejects the message itself, so whoever waits learns why (the
     # queue's delivery limit is the backstop if this process dies first).
     return await _reject(
-        message, policy, f"{policy.what}-failed: {retry.cause} on {attempt} attempts"
+        message, policy, f"{policy.what}-failed: {retry.cause} on {attempt} attempts", answer
     )
 
 
-async def _reject(message: AbstractIncomingMessage, policy: Settlement, reason: str) -> str | None:
+async def _reject(
+    message: AbstractIncomingMessage, policy: Settlement, reason: str, answer: Answer
+) -> str | None:
     if policy.dead_letters is None:
+        await answer(reason)
         await nack(message, requeue=False)
         return reason
     dead = json_message(
@@ -137,5 +154,6 @@ async def _reject(message: AbstractIncomingMessage, policy: Settlement, reason: 
         )
         await nack(message, requeue=True)
         return None
+    await answer(reason)
     await ack(message)
     return reason

@@ -174,32 +174,35 @@ class JobConsumer:
         error: BaseException | None = None,
         result: SyncResult | None = None,
     ) -> None:
-        """Settle ``message``, then answer the caller: ``result``, or the rejection. A job
+        """Answer the caller (``result``, or the rejection), then settle ``message``. A job
         handed back to be tried again gets no answer yet."""
-        reason = await settle(message, self._settlement, error)
         job_id = job.job_id if job is not None else job_id_of(message)
-        seconds = time.perf_counter() - started
-        if reason is not None:
-            result = SyncResult(job_id=job_id, status="rejected", reason=reason)
-        if result is None:
-            record_failed_job(seconds)
-            return
-        record_job(result, seconds)
-        await self._reply(message, result)
-        log.info(
-            "job " + ("rejected" if reason else result.status),
-            extra={
-                "job_id": job_id,
-                "publisher": message.user_id,
-                "device_id": _device(message, job),
-                "reason": result.reason,
-                "synced": result.synced,
-                "removed": result.removed,
-                "skipped": result.skipped,
-                "batches": len(result.batch_ids),
-                "ms": seconds * 1000,
-            },
-        )
+
+        async def answer(reason: str | None) -> None:
+            final = result
+            if reason is not None:
+                final = SyncResult(job_id=job_id, status="rejected", reason=reason)
+            assert final is not None
+            seconds = time.perf_counter() - started
+            record_job(final, seconds)
+            await self._reply(message, final)
+            log.info(
+                "job " + ("rejected" if reason else final.status),
+                extra={
+                    "job_id": job_id,
+                    "publisher": message.user_id,
+                    "device_id": _device(message, job),
+                    "reason": final.reason,
+                    "synced": final.synced,
+                    "removed": final.removed,
+                    "skipped": final.skipped,
+                    "batches": len(final.batch_ids),
+                    "ms": seconds * 1000,
+                },
+            )
+
+        if await settle(message, self._settlement, error, answer=answer) is None and error:
+            record_failed_job(time.perf_counter() - started)
 
     async def _reply(self, message: AbstractIncomingMessage, result: SyncResult) -> None:
         if not message.reply_to:
