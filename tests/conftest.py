@@ -303,3 +303,35 @@ async def dead_letters(amqp: aio_pika.abc.AbstractRobustChannel) -> dict[str, st
     while (message := await queue.get(no_ack=True, fail=False)) is not None:
         found[message.message_id or ""] = str((message.headers or {}).get("x-sync-reason"))
     return found
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A program that ran to its end: its exit status and what it printed."""
+
+    code: int
+    stdout: str
+    stderr: str
+
+
+async def run_process(
+    *argv: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 30.0
+) -> Finished:
+    """Run a program to its end without blocking the loop (a test's worker may run in
+    this process); killed and ``TimeoutError`` after ``timeout`` seconds."""
+    process = await asyncio.create_subprocess_exec(
+        *argv,
+        cwd=cwd,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(timeout):
+            stdout, stderr = await process.communicate()
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    assert process.returncode is not None
+    return Finished(process.returncode, stdout.decode(), stderr.decode())

@@ -3,7 +3,6 @@ the repository, and run the installed programs from outside it too."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shutil
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from broker.wire import json_schema
-from tests.conftest import MODEL_PATH, ROOT, MakeDevice, Services, insert
+from tests.conftest import MODEL_PATH, ROOT, Finished, MakeDevice, Services, insert, run_process
 from worker.model import EXAMPLE_MODEL, parse_model
 
 # What a checkout holds that is not the source: left out of the copy the wheel is built
@@ -82,34 +81,17 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     return Installed(venv / "bin", cwd, wheel)
 
 
-@dataclass(frozen=True)
-class Ran:
-    code: int | None
-    stdout: str
-    stderr: str
-
-
 async def _installed(
     installed: Installed, program: str, *args: str, timeout: float = 60, **sync: str
-) -> Ran:
-    """Run an installed program from outside the repository, without blocking the loop
-    (the worker of a test runs in this process)."""
-    process = await asyncio.create_subprocess_exec(
+) -> Finished:
+    """Run an installed program from outside the repository."""
+    return await run_process(
         str(installed.bin / program),
         *args,
         cwd=installed.cwd,
         env=installed.env(**sync),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+        timeout=timeout,
     )
-    try:
-        async with asyncio.timeout(timeout):
-            stdout, stderr = await process.communicate()
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise
-    return Ran(process.returncode, stdout.decode(), stderr.decode())
 
 
 def test_wheel_holds_the_packages_and_the_example_model(installed: Installed):

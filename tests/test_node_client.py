@@ -6,12 +6,10 @@ dependencies are installed from the committed lockfile once per session.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
 import socket
 import subprocess
-from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
@@ -20,7 +18,16 @@ import pytest
 from broker import models
 from broker.models import SyncJob
 from broker.topology import JOBS_QUEUE
-from tests.conftest import ROOT, Device, MakeDevice, Services, dead_letters, insert
+from tests.conftest import (
+    ROOT,
+    Device,
+    Finished,
+    MakeDevice,
+    Services,
+    dead_letters,
+    insert,
+    run_process,
+)
 
 NODE_DIR = ROOT / "examples" / "node"
 # A job id the client generates or one the caller passes: what the worker accepts.
@@ -48,38 +55,16 @@ def node() -> str:
     return node
 
 
-@dataclass(frozen=True)
-class Run:
-    code: int
-    stdout: str
-    stderr: str
-
-    @property
-    def result(self) -> dict[str, Any]:
-        answer: dict[str, Any] = json.loads(self.stdout)
-        return answer
+def _result(run: Finished) -> dict[str, Any]:
+    answer: dict[str, Any] = json.loads(run.stdout)
+    return answer
 
 
-async def _node(node: str, *args: str, timeout: float = 20.0) -> Run:
-    process = await asyncio.create_subprocess_exec(
-        node,
-        *args,
-        cwd=NODE_DIR,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        async with asyncio.timeout(timeout):
-            stdout, stderr = await process.communicate()
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise
-    assert process.returncode is not None
-    return Run(process.returncode, stdout.decode(), stderr.decode())
+async def _node(node: str, *args: str, timeout: float = 20.0) -> Finished:
+    return await run_process(node, *args, cwd=NODE_DIR, timeout=timeout)
 
 
-async def sync_js(node: str, url: str, *args: str) -> Run:
+async def sync_js(node: str, url: str, *args: str) -> Finished:
     return await _node(node, "sync.js", "--url", url, "--timeout", "10", *args)
 
 
@@ -111,7 +96,7 @@ async def test_the_app_server_account_syncs_and_gets_the_outcomes(
     )
 
     assert run.code == 0, run.stderr
-    result = run.result
+    result = _result(run)
     assert result["job_id"] == "app-server:job-1"
     assert (result["status"], result["synced"], result["removed"]) == ("done", 1, 1)
     assert result["objects"] == [
@@ -136,7 +121,7 @@ async def test_a_device_account_syncs_to_its_own_device(node: str, make_device: 
     run = await sync_js(node, device.amqp_url, "--user", "7", f"Task:{task}")
 
     assert run.code == 0, run.stderr
-    result = run.result
+    result = _result(run)
     assert (result["status"], result["synced"]) == ("done", 1)
     await _settled(device, result)
     assert await device.store.get_committed("Task", task) == {"title": "t", "status": "Open"}
@@ -177,8 +162,8 @@ async def test_a_job_naming_a_bad_entity_is_rejected_with_its_reason(
     )
 
     assert run.code == 1, run.stderr
-    assert run.result["status"] == "rejected"
-    assert run.result["reason"] == reason
+    assert _result(run)["status"] == "rejected"
+    assert _result(run)["reason"] == reason
     # The whole job is rejected: nothing reached the device; the dead letter says why.
     assert await dead_letters(amqp) == {"bad-entity-1": reason}
     assert await device.store.ids("Task") == []
@@ -197,8 +182,8 @@ async def test_retrying_with_the_same_job_id_has_the_effect_of_one_submission(
 
     assert first.code == again.code == 0, (first.stderr, again.stderr)
     # The same job read the same state: the same batches, which the device applies once.
-    assert first.result["batch_ids"] == again.result["batch_ids"]
-    await _settled(device, again.result)
+    assert _result(first)["batch_ids"] == _result(again)["batch_ids"]
+    await _settled(device, _result(again))
     assert await device.store.ids("Task") == [task]
 
 
