@@ -30,4 +30,6 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.TooManyConnectionsError,
     asyncpg.SerializationError,
     asyncpg.DeadlockDetectedError,
+    # PostgreSQL ended a run that sat idle too long (its worker was frozen): try again.
+    asyncpg.IdleInTransactionSessionTimeoutError,
 )
