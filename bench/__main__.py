@@ -9,7 +9,10 @@ Starts the local services, then measures in one run:
 - the worker's resolve rate, with and without XPath constraints, on 100,000 rows;
 - the device side: store apply rate, an agent process draining a backlog, its memory;
 - the pipeline: bulk objects/s, small jobs/s, latency percentiles at 500 jobs/s;
-- scale-out: 1, 2 and 4 worker processes on one job stream, with its checks;
+- scale-out: 1, 2 and 4 worker processes on one job stream, with its checks, at 20 and
+  at 1,000 devices, and with the workers' database 20 ms away (worker-bound);
+- isolation: the other devices' latency while a worker holding a device's job is
+  stopped, and while one device floods 20,000 jobs from its own account;
 - the fleet: broker memory per idle device queue, with 10,000 device queues.
 
 Prints a table (with each pipeline figure's ratio to the slowest ceiling of its unit) and
@@ -27,6 +30,7 @@ from pathlib import Path
 from bench.agent import device_side
 from bench.ceilings import ceilings
 from bench.fleet import fleet
+from bench.isolation import isolation
 from bench.pipeline import pipeline
 from bench.report import Figure, as_json, as_table, progress
 from bench.resolve import resolve
@@ -41,6 +45,7 @@ SUITES: dict[str, Suite] = {
     "device": lambda env, runs: device_side(env, runs=runs),
     "pipeline": lambda env, runs: pipeline(env, runs=runs),
     "scaleout": lambda env, runs: scaleout(env),
+    "isolation": lambda env, runs: isolation(env),
     "fleet": lambda env, runs: fleet(env),
 }
 

@@ -17,7 +17,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +27,7 @@ import asyncpg
 from bench.report import progress
 from broker import ChangeBatch, ObjectRef, Session, SyncClient
 from broker.connection import connect, open_channel
-from broker.topology import JOBS_QUEUE
+from broker.topology import JOBS_QUEUE, declare_topology
 from device_agent import AgentSettings, DeviceAgent, OfflineStore
 from syncctl.accounts import BrokerAccounts
 from syncctl.devices import register_device, unregister_device
@@ -40,8 +40,11 @@ __all__ = [
     "MODEL",
     "ROOT",
     "USER",
+    "AppliedBatches",
     "Rig",
     "accounts",
+    "declare_jobs_topology",
+    "in_process_agents",
     "rig",
     "running_workers",
     "seed_work_orders",
@@ -141,6 +144,84 @@ async def running_workers(
         failed = [p.returncode for p in processes if p.returncode not in (0, None)]
         if failed:
             progress(f"warning: workers exited with {failed}; logs in {folder}")
+
+
+class AppliedBatches:
+    """When each batch was committed on its device, from the agents' ``on_applied`` hook;
+    and a wait for a set of batches. One log serves any number of in-process agents (batch
+    ids are unique across devices)."""
+
+    def __init__(self) -> None:
+        # batch id -> perf_counter() when it was committed
+        self.at: dict[str, float] = {}
+        self._waits: dict[str, list[tuple[set[str], asyncio.Future[None]]]] = {}
+
+    def on_applied(self, batch: ChangeBatch) -> None:
+        self.at[batch.batch_id] = time.perf_counter()
+        for remaining, future in self._waits.pop(batch.batch_id, []):
+            remaining.discard(batch.batch_id)
+            if not remaining and not future.done():
+                future.set_result(None)
+
+    async def wait(self, batch_ids: Iterable[str], timeout: float) -> None:
+        """Until every batch of ``batch_ids`` is applied; ``TimeoutError`` after ``timeout``."""
+        remaining = {batch for batch in batch_ids if batch not in self.at}
+        if not remaining:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        for batch in remaining:
+            self._waits.setdefault(batch, []).append((remaining, future))
+        try:
+            async with asyncio.timeout(timeout):
+                await future
+        finally:
+            for batch in remaining:
+                waits = self._waits.get(batch, [])
+                waits[:] = [wait for wait in waits if wait[1] is not future]
+                if not waits:
+                    self._waits.pop(batch, None)
+
+
+@asynccontextmanager
+async def in_process_agents(
+    amqp_url: str,
+    paths: dict[str, Path],
+    on_applied: AppliedBatches,
+    *,
+    starting: int = 16,
+) -> AsyncIterator[None]:
+    """A running ``DeviceAgent`` per device (id -> SQLite file) in this process, logging in
+    with ``amqp_url``, ``starting`` of them connecting at once; all stopped after."""
+    stop = asyncio.Event()
+    runs: list[asyncio.Task[None]] = []
+    gate = asyncio.Semaphore(starting)
+
+    async def start(device_id: str, path: Path) -> None:
+        async with gate:
+            agent = await DeviceAgent.start(
+                AgentSettings(amqp_url=amqp_url, device_id=device_id, db_path=path),
+                on_applied=on_applied.on_applied,
+            )
+        runs.append(asyncio.create_task(agent.run(stop)))
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            for device_id, path in paths.items():
+                group.create_task(start(device_id, path))
+        yield
+    finally:
+        stop.set()
+        await asyncio.gather(*runs, return_exceptions=True)
+
+
+async def declare_jobs_topology(amqp_url: str) -> None:
+    """The shared exchanges and queues, as a worker declares them (fresh services have
+    none yet); idempotent."""
+    connection = await connect(amqp_url, "bench-topology")
+    try:
+        await declare_topology(await open_channel(connection))
+    finally:
+        await connection.close()
 
 
 @dataclass
