@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -335,3 +336,27 @@ async def run_process(
         raise
     assert process.returncode is not None
     return Finished(process.returncode, stdout.decode(), stderr.decode())
+
+
+async def spawn_worker(
+    services: Services, name: str, **settings: object
+) -> asyncio.subprocess.Process:
+    """``python -m worker`` with the worker role's URL and the test model; ``settings``
+    as ``SYNC_*`` variables (``prefetch=4`` is ``SYNC_PREFETCH=4``)."""
+    env = {
+        **os.environ,
+        "SYNC_AMQP_URL": services.amqp_url,
+        "SYNC_DATABASE_URL": services.worker_database_url,
+        "SYNC_MODEL": str(MODEL_PATH),
+        **{f"SYNC_{key.upper()}": str(value) for key, value in settings.items()},
+    }
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "worker",
+        "--name",
+        name,
+        env=env,
+        cwd=ROOT,
+        stderr=asyncio.subprocess.DEVNULL,
+    )

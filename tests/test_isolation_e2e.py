@@ -20,7 +20,6 @@ import asyncio
 import json
 import os
 import signal
-import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -45,12 +44,11 @@ from broker.topology import (
     existing_queue,
 )
 from tests.conftest import (
-    MODEL_PATH,
-    ROOT,
     Device,
     MakeDevice,
     Services,
     insert,
+    spawn_worker,
     wait_for,
 )
 from worker import Worker
@@ -64,29 +62,6 @@ pytestmark = pytest.mark.usefixtures("clean_queues")
 ISOLATION_P99 = 1.0
 
 # --- worker processes and who holds a device ---------------------------------------------
-
-
-async def _spawn_worker(
-    services: Services, name: str, **settings: object
-) -> asyncio.subprocess.Process:
-    """``python -m worker`` with the worker role's URL; ``settings`` as ``SYNC_*``."""
-    env = {
-        **os.environ,
-        "SYNC_AMQP_URL": services.amqp_url,
-        "SYNC_DATABASE_URL": services.worker_database_url,
-        "SYNC_MODEL": str(MODEL_PATH),
-        **{f"SYNC_{key.upper()}": str(value) for key, value in settings.items()},
-    }
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "worker",
-        "--name",
-        name,
-        env=env,
-        cwd=ROOT,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
 
 
 @asynccontextmanager
@@ -246,16 +221,14 @@ async def test_frozen_worker_delays_only_the_device_it_holds(
     other_ids = await _tasks(pg, 5, "other")
 
     async with _worker_processes() as workers:
-        frozen = await _spawn_worker(services, "iso-frozen", prefetch=1, batch_size=10)
+        frozen = await spawn_worker(services, "iso-frozen", prefetch=1, batch_size=10)
         workers.append(frozen)
         await _wait_for_consumers(services, 1)
         big = asyncio.create_task(
             client.synchronize_to_device(victim.session, objects=_refs(big_ids), timeout=60)
         )
         await _freeze_holder(pg, victim, frozen)
-        live = await _spawn_worker(
-            services, "iso-live", prefetch=4, concurrency=4, device_in_hand=2
-        )
+        live = await spawn_worker(services, "iso-live", prefetch=4, concurrency=4, device_in_hand=2)
         workers.append(live)
         await _wait_for_consumers(services, 2)
 
@@ -325,7 +298,7 @@ async def test_frozen_workers_lock_ends_after_lock_idle_timeout(
     later_ids = await _tasks(pg, 3, "later")
 
     async with _worker_processes() as workers:
-        frozen = await _spawn_worker(
+        frozen = await spawn_worker(
             services, "iso-frozen", prefetch=1, batch_size=10, lock_idle_timeout=2
         )
         workers.append(frozen)
@@ -335,7 +308,7 @@ async def test_frozen_workers_lock_ends_after_lock_idle_timeout(
         )
         await _freeze_holder(pg, victim, frozen)
         frozen_at = time.perf_counter()
-        live = await _spawn_worker(services, "iso-live", prefetch=4)
+        live = await spawn_worker(services, "iso-live", prefetch=4)
         workers.append(live)
         await _wait_for_consumers(services, 2)
 
@@ -385,7 +358,7 @@ async def _flood(
         await SyncClient.connect(flooder.amqp_url, name="test-flooder") as own,
     ):
         workers.append(
-            await _spawn_worker(
+            await spawn_worker(
                 services,
                 "iso-flood",
                 prefetch=16,

@@ -7,38 +7,15 @@ applied twice. No in-process worker runs here: the killed processes are the only
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
 from functools import partial
 
 import aiosqlite
 import pytest
 
 from broker import ObjectRef, SyncClient
-from tests.conftest import MODEL_PATH, ROOT, Device, MakeDevice, Services, wait_for
+from tests.conftest import Device, MakeDevice, Services, spawn_worker, wait_for
 
 pytestmark = pytest.mark.usefixtures("clean_queues")
-
-
-async def _spawn_worker(services: Services, name: str) -> asyncio.subprocess.Process:
-    env = {
-        **os.environ,
-        "SYNC_AMQP_URL": services.amqp_url,
-        "SYNC_DATABASE_URL": services.worker_database_url,
-        "SYNC_MODEL": str(MODEL_PATH),
-        "SYNC_BATCH_SIZE": "10",
-        "SYNC_PREFETCH": "4",
-    }
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "worker",
-        "--name",
-        name,
-        env=env,
-        cwd=ROOT,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
 
 
 async def _applied_count(device: Device) -> int:
@@ -72,12 +49,12 @@ async def test_worker_killed_mid_job_leaves_no_duplicate_effect(
     ]
 
     for attempt in range(3):
-        worker = await _spawn_worker(services, f"crash-test-{attempt}")
+        worker = await spawn_worker(services, f"crash-test-{attempt}", batch_size=10, prefetch=4)
         start = await _applied_count(device)
         await wait_for(partial(_applied_beyond, device, start + 15), timeout=30)
         worker.kill()  # SIGKILL: batches published, the job not yet acked
         await worker.wait()
-    worker = await _spawn_worker(services, "crash-test-last")
+    worker = await spawn_worker(services, "crash-test-last", batch_size=10, prefetch=4)
     try:
         results = await asyncio.gather(*jobs)
     finally:
