@@ -14,41 +14,48 @@ published until its result is back and every batch of it is committed on its dev
 a job still unanswered (or not applied) when a scenario stops counts with the time it
 had waited so far (a lower bound) and is counted as unanswered.
 
-**frozen**: a stream of one-object jobs, 40 jobs/s over 19 devices ("the others", results
-awaited), runs throughout. After 4 s, four 5,000-object list jobs go to the 20th device
-(the victim). The bench then finds the worker process that holds the victim's job: the
-one whose PostgreSQL backend holds a granted advisory lock whose key is
-``hashtext(victim)`` (``pg_locks``: ``objid`` is that key's low 32 bits, whether the lock
-takes two int4 keys or one bigint), mapped to the process through the backend's
-``client_port`` (``pg_stat_activity``), the kernel's socket table (``/proc/net/tcp``) and
-the workers' open sockets (``/proc/<pid>/fd``). It sends that worker SIGSTOP and checks
-that the lock is still held; if the job finished in between, SIGCONT and look again.
-Should the worker take no such lock (a rewrite may lock otherwise), the fallback is the
-worker whose log names a victim job as done (``"job done"``, ``job_id``), and the note
-says which way was used. The worker stays stopped ``--freeze`` s, gets SIGCONT, and the
-stream runs 10 s more.
+**frozen**: a stream of one-object jobs, 40 jobs/s over 19 devices ("the others",
+results awaited), runs throughout. After 4 s, four 5,000-object list jobs go to the 20th
+device (the victim). The bench then finds the worker process that holds the victim's
+job: the one whose PostgreSQL backend holds a granted advisory lock whose key is
+``hashtext(victim)`` (``pg_locks``: ``objid`` is that key's low 32 bits, whether the
+lock takes two int4 keys or one bigint), mapped to the process through the backend's
+``client_port`` (``pg_stat_activity``), the kernel's socket table (``/proc/net/tcp``)
+and the workers' open sockets (``/proc/<pid>/fd``). It sends that worker SIGSTOP and
+checks that the lock is still held; if the job finished in between, SIGCONT and look
+again. For up to 1.5 s it also waits for a moment when that worker's backends hold other
+advisory locks too (jobs of other devices in hand), the worst moment for workers that
+wait for each other's locks (the target holds for any moment); the note gives the locks
+held. Half-way through the freeze, ``rabbitmqctl list_channels`` gives how many messages
+the stopped worker has unacked (its channels are named by the client's address, mapped
+to the process as above). Should the worker take no such lock (a rewrite may lock
+otherwise), the fallback is the worker whose log names a victim job as done (``"job
+done"``, ``job_id``), and the note says which way was used. The worker stays stopped
+``--freeze`` s, gets SIGCONT, and the stream runs 10 s more.
 
 The jobs a frozen worker holds are its own to delay (SPEC §7: "delays only the devices
 whose jobs it holds"): which worker answered each job is read from the workers' logs. A
-job is *held* when the frozen worker answered it, it was published before SIGCONT, and
-answered after SIGSTOP: delivered to the stopped process (in hand, or prefetched and
-unacked), so it waits the freeze out. A job is *behind* a held one when it is a later
-job of a device with a held job, published before SIGCONT and answered after it: it
-waited for the frozen worker, which per-device order allows (a later job that went
-through on the other worker meanwhile is not behind). The figures for "others" leave
-both out; "all others" keep them; their counts are reported (a job stuck because the
-other worker stalled altogether also counts as behind when its device had a held job:
-the "all others" figures show that case whole). Figures: the others' p50, p99 and max
-during the freeze (jobs due between SIGSTOP and SIGCONT) and overall; the same p99 for
-all others; jobs of others delayed more than 1 s and 5 s; the victim's jobs (statuses,
-latency of the last).
+job is *held* when it was delivered to the stopped process (in hand, or prefetched and
+unacked), so it waits the freeze out: of the jobs the frozen worker answered after
+SIGSTOP that were published before SIGCONT, the earliest published, as many as its
+unacked count less the victim's jobs among them (the broker delivers in queue order, so
+what it took from the backlog after SIGCONT was published later). A job is *behind* a
+held one when it is a later job of a device with a held job, published before SIGCONT
+and answered after it: it waited for the frozen worker, which per-device order allows (a
+later job that went through on the other worker meanwhile is not behind). The figures
+for "others" leave both out; "all others" keep them; their counts are reported (a job
+stuck because the other worker stalled altogether also counts as behind when its device
+had a held job: the "all others" figures show that case whole). Figures: the others'
+p50, p99 and max during the freeze (jobs due between SIGSTOP and SIGCONT) and overall;
+the same p99 for all others; jobs of others delayed more than 1 s and 5 s; the victim's
+jobs (statuses, latency of the last).
 
 **flood**: a stream of one-object jobs, 20 jobs/s over 19 devices, runs throughout.
 After 3 s, the 20th device's own account (``device.<id>`` with the secret registration
 returned) publishes ``--flood`` one-object jobs over 10 s: built beforehand, paced, at
 most 1,000 awaiting the broker's confirm, with direct reply-to so every result comes
 back by correlation id. The note says how long the publishing really took: on this
-shared machine the broker's confirms under load stretch it to 25-35 s. The stream
+shared machine the confirms under load stretch it to 20-40 s. The stream
 goes on until the others have recovered (every job of theirs due in the last 3 s, up to
 1.5 s ago, done within 1 s) or ``--recover-max`` s after the flood's last publish,
 whichever is first. Figures: the others' p50, p99 and max for jobs due during the flood
@@ -70,6 +77,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import tempfile
@@ -123,6 +131,7 @@ BIG_OBJECTS = 5_000
 BEFORE_BIG = 4.0
 AFTER_FREEZE = 10.0
 FIND_FOR = 20.0  # s to find the victim's holder
+PREFER_FOR = 1.5  # s to wait for a moment when it holds other devices' locks too
 POLL = 0.02
 # flood
 FLOOD_RATE_OTHERS = 20.0
@@ -131,6 +140,7 @@ FLOOD_SECONDS = 10.0
 FLOOD_WINDOW = 1000  # flood publishes awaiting their confirm at once
 RECOVERED_SPAN = 3.0  # s of the others' jobs all within target
 RECOVERED_AGE = 1.5  # s those jobs have had to finish
+SERVICES = Path(__file__).resolve().parent.parent / "scripts" / "services.sh"
 REASON_HEADER = "x-sync-reason"
 USER_HEADER = "x-sync-user-id"
 
@@ -416,6 +426,24 @@ async def _lock_holder(conn: asyncpg.Connection, victim: str, pids: Sequence[int
     return None
 
 
+async def _unacked(pid: int) -> int | None:
+    """Messages delivered to process ``pid`` and not acked yet, over its AMQP channels
+    (``rabbitmqctl list_channels``; a channel's name starts with the client's address)."""
+    process = await asyncio.create_subprocess_exec(
+        *("bash", str(SERVICES), "rabbitmqctl", "-q", "list_channels"),
+        *("name", "messages_unacknowledged"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    listing, _ = await process.communicate()
+    total: int | None = None
+    for line in listing.decode().splitlines():
+        found = re.match(r"\S+:(\d+) -> \S+ \(\d+\)\t(\d+)$", line.strip())
+        if found and await asyncio.to_thread(_process_of, int(found[1]), [pid]) == pid:
+            total = (total or 0) + int(found[2])
+    return total
+
+
 async def _locks_of(conn: asyncpg.Connection, pid: int) -> int:
     """Advisory locks held by the backends of process ``pid``."""
     ports = [row["client_port"] for row in await conn.fetch(_LOCKS)]
@@ -429,6 +457,7 @@ class Freeze:
     method: str = "none"
     held_at_freeze: bool = False
     locks: int = 0  # advisory locks the stopped worker's backends held
+    unacked: int | None = None  # jobs delivered to it and unacked, late in the freeze
     stopped: float = 0.0
     continued: float = 0.0
 
@@ -439,16 +468,23 @@ async def _stop_holder(
     pids: Sequence[int],
     big: Sequence[asyncio.Task[None]],
 ) -> Freeze:
-    """SIGSTOP the worker holding the victim's lock (checked after the stop), or by the
-    fallback the worker that answered a victim job; the freeze's facts."""
+    """SIGSTOP the worker holding the victim's lock, checked after the stop. For up to
+    ``PREFER_FOR`` s, a moment when its backends hold other advisory locks too (jobs of
+    other devices in hand) is preferred: the worst case for workers that wait for locks.
+    Without any such lock the freeze's ``stopped`` stays 0."""
     deadline = time.perf_counter() + FIND_FOR
+    first_seen: float | None = None
     while time.perf_counter() < deadline and not all(task.done() for task in big):
         pid = await _lock_holder(conn, victim, pids)
         if pid is not None:
             os.kill(pid, signal.SIGSTOP)
             stopped = time.perf_counter()
+            first_seen = first_seen or stopped
             if await _lock_holder(conn, victim, pids) == pid:
-                return Freeze(pid, "advisory lock", True, await _locks_of(conn, pid), stopped)
+                locks = await _locks_of(conn, pid)
+                last_chance = sum(not task.done() for task in big) <= 1
+                if locks > 1 or last_chance or stopped - first_seen > PREFER_FOR:
+                    return Freeze(pid, "advisory lock", True, locks, stopped=stopped)
             os.kill(pid, signal.SIGCONT)
         await asyncio.sleep(POLL)
     return Freeze(pids[0], "none", False)
@@ -486,16 +522,30 @@ class Classified:
 
 
 def _classify(
-    stream: Sequence[Sent], by_worker: dict[str, int], frozen: int, freeze: Freeze
+    stream: Sequence[Sent],
+    big: Sequence[Sent],
+    by_worker: dict[str, int],
+    frozen: int,
+    freeze: Freeze,
 ) -> Classified:
+    """Held: of the stream jobs the frozen worker answered after SIGSTOP and that were
+    published before SIGCONT, the earliest published, as many as it had unacked during
+    the freeze less the victim's jobs it held (the broker delivers in order: what it got
+    after SIGCONT was published later). Unknown unacked count: all of them."""
     end = time.perf_counter()
-    held = [
-        s
-        for s in stream
-        if by_worker.get(s.job_id) == frozen
-        and s.due < freeze.continued
-        and (s.answered or end) > freeze.stopped
-    ]
+
+    def frozen_had(s: Sent) -> bool:
+        return (
+            by_worker.get(s.job_id) == frozen
+            and s.due < freeze.continued
+            and (s.answered or end) > freeze.stopped
+        )
+
+    candidates = sorted((s for s in stream if frozen_had(s)), key=lambda s: s.due)
+    if freeze.unacked is not None:
+        victims = sum(1 for s in big if frozen_had(s))
+        candidates = candidates[: max(0, freeze.unacked - victims)]
+    held = candidates
     held_ids = {s.job_id for s in held}
     first_held: dict[str, float] = {}
     for s in held:
@@ -530,7 +580,8 @@ def _frozen_figures(
         f"{WORKERS} workers, {DEVICES - 1} other devices at {FROZEN_RATE:g} jobs/s; the worker "
         f"holding the victim's job (found by {freeze.method}; lock still held when stopped: "
         f"{'yes' if freeze.held_at_freeze else 'no'}; advisory locks it held: "
-        f"{freeze.locks}) stopped {seconds:.1f} s; {len(parts.held)} jobs held by it and "
+        f"{freeze.locks}; unacked by it: {freeze.unacked}) stopped {seconds:.1f} s; "
+        f"{len(parts.held)} stream jobs held by it and "
         f"{len(parts.behind)} behind those on their devices (answered after SIGCONT)"
     )
     others = f"others (held and behind-held jobs left out); target p99 <= {TARGET_MS:g} ms"
@@ -616,7 +667,11 @@ async def frozen(env: dict[str, str], fleet: Fleet, *, freeze_seconds: float) ->
                 _fallback(freeze, fleet.folder, tag, big, pids)
             progress(f"isolation, frozen: worker {freeze.pid} stopped ({freeze.method})")
             try:
-                await asyncio.sleep(freeze_seconds)
+                # Half-way: the broker has filled its prefetch by then, and rabbitmqctl
+                # takes a second or two.
+                await asyncio.sleep(freeze_seconds / 2)
+                freeze.unacked = await _unacked(freeze.pid)
+                await asyncio.sleep(max(0.0, freeze.stopped + freeze_seconds - time.perf_counter()))
             finally:
                 os.kill(freeze.pid, signal.SIGCONT)
                 freeze.continued = time.perf_counter()
@@ -631,7 +686,7 @@ async def frozen(env: dict[str, str], fleet: Fleet, *, freeze_seconds: float) ->
             by_worker = _answered_by(fleet.folder, tag)
     finally:
         await conn.close()
-    parts = _classify(stream.sent, by_worker, pids.index(freeze.pid), freeze)
+    parts = _classify(stream.sent, big, by_worker, pids.index(freeze.pid), freeze)
     return _frozen_figures(stream.sent, big, parts, freeze, fleet)
 
 
