@@ -16,6 +16,7 @@ __all__ = [
     "DEVICE_ID_PATTERN",
     "ENTITY_NAME_PATTERN",
     "JOB_ID_PATTERN",
+    "MAX_ID",
     "MAX_OBJECTS_PER_JOB",
     "Change",
     "ChangeBatch",
@@ -41,6 +42,8 @@ MEMBER_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_]{0,62}$"
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
 # Job and batch ids, and reasons taken from the broker: safe in a log line as they are.
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"
+# Ids and versions are PostgreSQL bigints.
+MAX_ID = 2**63 - 1
 # Bounds the work one job can cause; larger selections are split by the caller.
 MAX_OBJECTS_PER_JOB = 100_000
 
@@ -50,9 +53,9 @@ DeviceId = Annotated[str, Field(pattern=DEVICE_ID_PATTERN)]
 JobId = Annotated[str, Field(pattern=JOB_ID_PATTERN)]
 # Strict: a JSON id is an integer, never "5" or true. (ObjectRef's own __init__ would
 # otherwise validate in lax mode even when the message is read strictly.)
-ObjectId = Annotated[int, Strict(), Field(ge=1, le=2**63 - 1)]
+ObjectId = Annotated[int, Strict(), Field(ge=1, le=MAX_ID)]
 # Row versions are PostgreSQL bigints; SQLite's INTEGER holds the same range.
-Version = Annotated[int, Strict(), Field(ge=0, le=2**63 - 1)]
+Version = Annotated[int, Strict(), Field(ge=0, le=MAX_ID)]
 Origin = Literal["nanoflow", "event"]
 RemoveReason = Literal["deleted", "gone", "no-access"]
 

@@ -23,6 +23,7 @@ from broker.logs import configure_logging
 from broker.models import (
     DEVICE_ID_PATTERN,
     JOB_ID_PATTERN,
+    MAX_ID,
     MEMBER_NAME_PATTERN,
     ObjectRef,
     Session,
@@ -40,7 +41,6 @@ from broker.topology import (
 from broker.wire import MESSAGES, json_schema
 from syncctl.accounts import BrokerAccounts
 from syncctl.devices import (
-    MAX_USER_ID,
     find_device,
     list_devices,
     register_device,
@@ -83,14 +83,22 @@ def _accounts(settings: ServerSettings) -> BrokerAccounts:
 # Argument types: bad input is a usage error (exit 2) with the expected form.
 
 
+def _id(text: str) -> int | None:
+    """``text`` as an id (1 to a bigint's maximum), or ``None``."""
+    if not re.fullmatch(r"[1-9][0-9]{0,18}", text) or int(text) > MAX_ID:
+        return None
+    return int(text)
+
+
 def _ref(text: str) -> ObjectRef:
     entity, _, object_id = text.partition(":")
-    if not re.fullmatch(r"[1-9][0-9]{0,18}", object_id) or int(object_id) > MAX_USER_ID:
+    the_id = _id(object_id)
+    if the_id is None:
         raise argparse.ArgumentTypeError(
             f"{text!r}: expected Entity:id with a positive integer id, e.g. WorkOrder:1"
         )
     try:
-        return ObjectRef(entity, int(object_id))
+        return ObjectRef(entity, the_id)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: {entity!r} is not an entity name") from None
 
@@ -104,9 +112,10 @@ def _device_id(text: str) -> str:
 
 
 def _user_id(text: str) -> int:
-    if not re.fullmatch(r"[1-9][0-9]{0,18}", text) or int(text) > MAX_USER_ID:
+    user_id = _id(text)
+    if user_id is None:
         raise argparse.ArgumentTypeError(f"{text!r} is not a user id (a positive integer)")
-    return int(text)
+    return user_id
 
 
 def _job_id(text: str) -> str:

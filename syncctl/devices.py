@@ -9,7 +9,7 @@ import asyncpg
 from aio_pika.abc import AbstractChannel
 
 from broker.errors import ConfigurationError
-from broker.models import DEVICE_ID_PATTERN
+from broker.models import DEVICE_ID_PATTERN, MAX_ID
 from broker.topology import (
     DEFAULT_QUEUE_LIMITS,
     QueueLimits,
@@ -18,9 +18,8 @@ from broker.topology import (
 )
 from syncctl.accounts import BrokerAccounts
 
-__all__ = ["MAX_USER_ID", "find_device", "list_devices", "register_device", "unregister_device"]
+__all__ = ["find_device", "list_devices", "register_device", "unregister_device"]
 
-MAX_USER_ID = 2**63 - 1
 _DEVICE_COLUMNS = "device_id, user_id, offline, registered_at, resync_reason, resync_since"
 
 
@@ -29,8 +28,8 @@ def _check(device_id: str, user_id: int) -> None:
         raise ConfigurationError(
             f"not a valid device id: {device_id!r} (must match {DEVICE_ID_PATTERN})"
         )
-    if not 1 <= user_id <= MAX_USER_ID:
-        raise ConfigurationError(f"not a valid user id: {user_id} (must be 1 to {MAX_USER_ID})")
+    if not 1 <= user_id <= MAX_ID:
+        raise ConfigurationError(f"not a valid user id: {user_id} (must be 1 to {MAX_ID})")
 
 
 async def register_device(

@@ -13,12 +13,11 @@ from collections.abc import Collection
 
 import asyncpg
 
-from broker.models import MEMBER_NAME_PATTERN
+from broker.models import MAX_ID, MEMBER_NAME_PATTERN
 
 __all__ = ["RolesError", "set_user_roles", "user_roles"]
 
 # User ids are PostgreSQL bigints; 0 and below name no user.
-_MAX_USER_ID = 2**63 - 1
 
 # relkind as text: asyncpg returns the "char" type as bytes.
 _RELKIND = "SELECT relkind::text FROM pg_class WHERE oid = to_regclass('sync.user_role')"
@@ -75,8 +74,8 @@ async def set_user_roles(conn: asyncpg.Connection, user_id: int, roles: Collecti
 def _check_user(user_id: int) -> None:
     if isinstance(user_id, bool) or not isinstance(user_id, int):
         raise RolesError(f"not a valid user id: {user_id!r} (must be an integer)")
-    if not 1 <= user_id <= _MAX_USER_ID:
-        raise RolesError(f"not a valid user id: {user_id} (must be between 1 and {_MAX_USER_ID})")
+    if not 1 <= user_id <= MAX_ID:
+        raise RolesError(f"not a valid user id: {user_id} (must be between 1 and {MAX_ID})")
 
 
 def _checked_roles(roles: Collection[str]) -> list[str]:
