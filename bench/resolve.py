@@ -7,7 +7,7 @@ hot path, ``worker.resolver.fetch_rows``, over every item id in one read-only tr
 with the worker's default chunk size, for three sets of roles: a rule without a
 constraint, a two-hop constraint (Item -> Project -> manager) and a reverse hop
 (Item -> Project <- Assignment -> user). The raw ceiling is a plain ``SELECT`` of the same
-columns over the same chunks, without rules or ``Row`` building. Each figure is the median
+columns over the same chunks, without rules or JSON writing. Each figure is the median
 of several runs after a warm-up; the number of readable objects is checked against a
 direct SQL count, so a broken constraint cannot give a fast but wrong figure. The bench
 tables are dropped at the end.
@@ -26,8 +26,8 @@ import asyncpg
 
 from bench.report import Figure, as_table
 from bench.rig import service_env
-from broker.models import ObjectKey, Session
-from worker.access import AccessPolicy
+from broker.models import ObjectKey
+from worker.access import UPSERT, AccessPolicy
 from worker.model import DomainModel, parse_model
 from worker.resolver import fetch_rows
 from worker.schema import init_database
@@ -143,15 +143,13 @@ async def _seed(conn: asyncpg.Connection, model: DomainModel, rows: int) -> None
 def _resolve_pass(
     policy: AccessPolicy, refs: list[ObjectKey], role: str, user_id: int, chunk_size: int
 ) -> Pass:
-    session = Session(user_id=user_id, device_id="bench-resolve")
-
     async def run(conn: asyncpg.Connection) -> int:
-        rows = await fetch_rows(
-            conn, policy, refs, session=session, roles=frozenset({role}), chunk_size=chunk_size
+        found = await fetch_rows(
+            conn, policy, refs, user_id=user_id, roles=frozenset({role}), chunk_size=chunk_size
         )
-        found = rows.get("Item", {})
-        assert len(found) == len(refs), f"{role}: {len(found)} of {len(refs)} rows found"
-        return sum(1 for row in found.values() if row.readable is not None)
+        records = found["Item"].records
+        assert len(records) == len(refs), f"{role}: {len(records)} of {len(refs)} rows found"
+        return sum(1 for record in records.values() if record[UPSERT] is not None)
 
     return run
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import pytest
+from pydantic import TypeAdapter
 
 from broker import (
     ObjectRef,
@@ -15,15 +18,17 @@ from broker import (
     UncommittedChange,
     UpsertChange,
 )
-from worker.eligibility import Decision, Row, check_job_names, decide
+from broker.models import Change
+from worker.eligibility import Decision, Found, check_job_names, decide
 from worker.errors import JobRejected
 from worker.model import parse_model
 
 MODEL = parse_model((Path(__file__).with_name("model.yaml")).read_text())
 WORKER_READS = frozenset({"title", "status"})
+_CHANGE: TypeAdapter[Change] = TypeAdapter(Change)
 
 
-def _job(*refs: ObjectRef, **context) -> SyncJob:
+def _job(*refs: ObjectRef, **context: Any) -> SyncJob:
     return SyncJob(
         job_id="j",
         session=Session(user_id=1, device_id="d"),
@@ -37,30 +42,45 @@ def _row(
     object_id: int,
     autocommitted: bool = False,
     readable: frozenset[str] | None = WORKER_READS,
-) -> Row:
-    return Row(object_id, 10, autocommitted, {"title": "t", "secret": "s"}, readable)
+) -> tuple[Any, ...]:
+    """A record as ``worker.access`` fetches it; ``matches`` here names the readable set."""
+    data = {"title": "t", "secret": "s"}
+    upsert = None
+    if readable is not None:
+        visible = {member: value for member, value in data.items() if member in readable}
+        upsert = UpsertChange(entity="Task", id=object_id, version=10, data=visible)
+    matches = ",".join(sorted(readable)) if readable is not None else "none"
+    return (object_id, 10, autocommitted, matches, upsert and upsert.model_dump_json())
 
 
-def _decide(job: SyncJob, rows) -> Decision:
-    return decide(job, job.targets(), rows)
+def _readable(matches: str) -> frozenset[str] | None:
+    return None if matches == "none" else frozenset(matches.split(","))
 
 
-def _reasons(decision) -> list[tuple[str, str | None]]:
-    return [(o.outcome, o.reason) for o in decision.outcomes]
+def _decide(job: SyncJob, rows: dict[str, dict[int, tuple[Any, ...]]]) -> Decision:
+    return decide(job, job.targets(), {name: Found(rs, _readable) for name, rs in rows.items()})
+
+
+def _reasons(decision: Decision) -> list[tuple[str, str | None]]:
+    return [(o["outcome"], o["reason"]) for o in json.loads(decision.objects_json())]
+
+
+def _changes(decision: Decision) -> list[Change]:
+    return [_CHANGE.validate_json(change) for change in decision.changes]
 
 
 def test_deleted_wins_over_new_and_is_removed_with_the_version_seen():
     ref = ObjectRef("Task", 1)
     decision = _decide(_job(ref, deleted=(ref,), new=(ref,)), {"Task": {1: _row(1)}})
     assert _reasons(decision) == [("removed", "deleted")]
-    assert decision.changes == [RemoveChange(entity="Task", id=1, reason="deleted", version=10)]
+    assert _changes(decision) == [RemoveChange(entity="Task", id=1, reason="deleted", version=10)]
 
 
 def test_new_is_checked_before_gone():
     ref = ObjectRef("Task", 1)
     decision = _decide(_job(ref, new=(ref,)), {"Task": {}})
     assert _reasons(decision) == [("skipped", "new")]
-    assert decision.changes == []
+    assert _changes(decision) == []
 
 
 def test_gone_then_autocommitted_then_no_access_then_synced():
@@ -84,7 +104,7 @@ def test_synced_data_and_overlay_carry_readable_members_only():
         ref, uncommitted=(UncommittedChange(ref=ref, changes={"status": "Done", "secret": "x"}),)
     )
     decision = _decide(job, {"Task": {4: _row(4)}})
-    assert decision.changes == [
+    assert _changes(decision) == [
         UpsertChange(entity="Task", id=4, version=10, data={"title": "t"}),
         OverlayChange(entity="Task", id=4, changes={"status": "Done"}),
     ]

@@ -13,6 +13,7 @@ from broker.health import HealthServer, ReadinessCheck
 from broker.models import SyncResult
 from device_agent import metrics as agent_metrics
 from worker import metrics as worker_metrics
+from worker.answers import answer_of
 
 Serve = Callable[[ReadinessCheck | None], Awaitable[httpx.AsyncClient]]
 
@@ -48,7 +49,9 @@ async def ready_now() -> str | None:
 
 async def test_metrics_exposes_sync_families(serve: Serve) -> None:
     worker_metrics.record_job(
-        SyncResult(job_id="health-1", status="done", synced=3, skipped=1, batch_ids=("b1",)),
+        answer_of(
+            SyncResult(job_id="health-1", status="done", synced=3, skipped=1, batch_ids=("b1",))
+        ),
         0.2,
     )
     agent_metrics.record_dropped("wrong-device")

@@ -1,4 +1,5 @@
-"""The batch encoder writes a change batch's JSON once: it must be exactly the model's."""
+"""The batch encoder wraps the changes' JSON texts as they are: the batch must be exactly
+the model's JSON."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 from broker.models import ChangeBatch, OverlayChange, RemoveChange, ResyncChange, UpsertChange
+from broker.wire import decode
 from worker.publisher import encode_batch
 
 
@@ -21,13 +23,14 @@ def test_encoded_batch_is_the_models_json_and_its_id_follows_the_content():
         RemoveChange(entity="WorkOrder", id=2, reason="gone"),
         OverlayChange(entity="WorkOrder", id=1, changes={"status": "Done"}),
     )
-    encoded = encode_batch("job-1", "dev-1", changes)
+    texts = [change.model_dump_json() for change in changes]
+    encoded = encode_batch("job-1", "dev-1", texts)
     expected = ChangeBatch(
         batch_id=encoded.batch_id, job_id="job-1", device_id="dev-1", changes=changes
     )
     assert encoded.body == expected.model_dump_json().encode()
-    assert ChangeBatch.model_validate_json(encoded.body).batch_id == encoded.batch_id
+    assert decode(ChangeBatch, encoded.body).batch_id == encoded.batch_id
 
-    assert encode_batch("job-1", "dev-1", changes).batch_id == encoded.batch_id
-    assert encode_batch("job-1", "dev-1", changes[1:]).batch_id != encoded.batch_id
-    assert encode_batch("job 2", "dev-1", changes).batch_id != encoded.batch_id
+    assert encode_batch("job-1", "dev-1", texts).batch_id == encoded.batch_id
+    assert encode_batch("job-1", "dev-1", texts[1:]).batch_id != encoded.batch_id
+    assert encode_batch("job 2", "dev-1", texts).batch_id != encoded.batch_id

@@ -1,63 +1,93 @@
 """What a user may read: per entity and set of roles, one query that fetches the named
-objects together with which of the user's access rules match each of them.
+objects, decides which of the user's access rules match each, and writes each object's
+upsert change as JSON text, readable members only.
 
 Rules without a constraint decide for every object at once; each rule with a constraint
-becomes one boolean column computed by PostgreSQL, so the readable members of an object
-are the union of ``read`` over the rules whose column is true (SPEC §4, §5). Only the
-members some applicable rule may read are selected: the rest never leave the database.
+becomes one boolean computed by PostgreSQL. The readable members of an object are the
+union of ``read`` over the rules that match it (SPEC §4, §5), so a member granted by
+constrained rules only is written when one of them matched. Only the members some
+applicable rule may read are selected: the rest never leave the database. PostgreSQL
+writes the JSON, so the worker passes it on as text and builds no object per row.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker.eligibility import Row
 from worker.model import DomainModel, Entity
-from worker.rules import Parameters, compile_constraint
+from worker.rules import Parameters
 from worker.sql import quote_ident, quote_table
 
-__all__ = ["AccessPolicy", "EntityQuery"]
+__all__ = ["AccessPolicy", "EntityQuery", "json_value"]
 
-_FIXED = ("id", "version", "autocommitted")
+# Where each value sits in a fetched record.
+ID, VERSION, AUTOCOMMITTED, MATCHES, UPSERT = range(5)
+_ID, _VERSION, _DATA = ',"id":', ',"version":', ',"data":{'
+
+
+def json_value(kind: str, sql: str) -> str:
+    """The SQL writing the value ``sql`` of a member of type ``kind`` as JSON text, in the
+    format of docs/device-db.md (decimals as strings with every digit, datetimes as ISO
+    8601 in UTC). Needs the session's ``TimeZone`` to be UTC, as the worker's pool sets."""
+    if kind == "decimal":
+        # As strings with every digit; integer and float columns stay JSON numbers.
+        value = (
+            f"CASE WHEN pg_typeof({sql}) = 'numeric'::regtype THEN to_json({sql}::text) "
+            f"ELSE to_json({sql}) END"
+        )
+    elif kind == "datetime":
+        moment = f"{sql}::timestamp"
+        fraction = (
+            f"CASE WHEN date_trunc('second', {moment}) = {moment} THEN '' "
+            f"ELSE to_char({moment}, '.US') END"
+        )
+        zone = f"CASE WHEN pg_typeof({sql}) = 'timestamptz'::regtype THEN 'Z' ELSE '' END"
+        value = (
+            f"CASE WHEN pg_typeof({sql}) = 'date'::regtype THEN to_json({sql}) ELSE "
+            f"to_json(to_char({moment}, 'YYYY-MM-DD\"T\"HH24:MI:SS') || {fraction} || {zone}) END"
+        )
+    else:
+        value = f"to_json({sql})"
+    return f"coalesce(({value})::text, 'null')"
 
 
 @dataclass(frozen=True)
 class EntityQuery:
-    """The fetch of one entity for one set of roles: ``$1`` is the ``bigint[]`` of ids."""
+    """The fetch of one entity for one set of roles: ``$1`` is the ``bigint[]`` of ids.
+
+    Each record is ``(id, version, autocommitted, matches, upsert)``: ``matches`` has a
+    ``1`` or ``0`` per constrained rule, for whether it matched the object; ``upsert`` is
+    the object's upsert change as JSON text (``NULL`` when no rule lets the user read it).
+    """
 
     sql: str
-    members: tuple[str, ...]
     # Readable through rules without a constraint; None when no such rule applies.
     base: frozenset[str] | None
-    # One entry per constraint column, in select order: what that rule lets the user read.
+    # One entry per constrained rule, in bit order: what that rule lets the user read.
     rule_reads: tuple[frozenset[str], ...]
     params: Parameters
-    _readable_by_match: dict[tuple[bool, ...], frozenset[str] | None] = field(
+    _readable_by_matches: dict[str, frozenset[str] | None] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
 
     def arguments(self, ids: Sequence[int], *, user_id: int) -> list[Any]:
         return [list(ids), *self.params.values(user_id=user_id)]
 
-    def row(self, record: Sequence[Any]) -> Row:
-        first_rule = len(_FIXED) + len(self.members)
-        values = dict(zip(self.members, record[len(_FIXED) : first_rule], strict=True))
-        matches = tuple(bool(flag) for flag in record[first_rule:])
-        return Row(record[0], record[1], record[2], values, self._readable(matches))
-
-    def _readable(self, matches: tuple[bool, ...]) -> frozenset[str] | None:
+    def readable(self, matches: str) -> frozenset[str] | None:
+        """The members of an object whose rules matched as ``matches``, or ``None`` when no
+        rule lets the user read it."""
         # Few distinct combinations occur, so the union is computed once for each.
-        if matches not in self._readable_by_match:
+        if matches not in self._readable_by_matches:
             pairs = zip(self.rule_reads, matches, strict=True)
-            granted = [read for read, matched in pairs if matched]
-            if self.base is None and not granted:
-                readable = None
-            else:
+            granted = [read for read, matched in pairs if matched == "1"]
+            readable = None
+            if self.base is not None or granted:
                 readable = (self.base or frozenset()).union(*granted)
-            self._readable_by_match[matches] = readable
-        return self._readable_by_match[matches]
+            self._readable_by_matches[matches] = readable
+        return self._readable_by_matches[matches]
 
 
 class AccessPolicy:
@@ -67,7 +97,7 @@ class AccessPolicy:
 
         policy = AccessPolicy(model)
         query = policy.query("WorkOrder", frozenset({"Technician"}))
-        rows = [query.row(r) for r in await conn.fetch(query.sql, *query.arguments(ids, user_id=7))]
+        records = await conn.fetch(query.sql, *query.arguments(ids, user_id=7))
     """
 
     def __init__(self, model: DomainModel) -> None:
@@ -83,41 +113,66 @@ class AccessPolicy:
     def _build(self, entity_name: str, roles: frozenset[str]) -> EntityQuery:
         entity = self._model.entities[entity_name]
         assert entity.table is not None, "only persistable entities are fetched"
-        applicable = [rule for rule in entity.access if not roles.isdisjoint(rule.roles)]
+        applicable = [rule for rule in self._model.rules(entity_name) if rule.applies_to(roles)]
         base: frozenset[str] | None = None
         for rule in applicable:
             if rule.constraint is None:
-                base = (base or frozenset()) | entity.readable(rule)
+                base = (base or frozenset()) | rule.reads
         # A constrained rule that grants nothing beyond the base cannot change the outcome.
         constrained = [
             rule
             for rule in applicable
-            if rule.constraint is not None and (base is None or not entity.readable(rule) <= base)
+            if rule.constraint is not None and (base is None or not rule.reads <= base)
         ]
-        wanted = (base or frozenset()).union(*(entity.readable(rule) for rule in constrained))
-        members = tuple(member for member in entity.members if member in wanted)
         params = Parameters(first=2)
-        conditions = [
-            compile_constraint(
-                rule.constraint or "",
-                entities=self._model.entities,
-                entity=entity_name,
-                params=params,
-            )
-            for rule in constrained
-        ]
-        columns = [f"t0.{name}" for name in _FIXED]
-        columns += [_member_column(entity, member) for member in members]
-        columns += conditions
+        conditions = [rule.constraint.sql(params) for rule in constrained if rule.constraint]
+        # Each condition is computed once per row in the inner query, under a name no column
+        # can have; OFFSET 0 keeps PostgreSQL from folding the inner query into the outer
+        # one, which would evaluate a condition again for every member it grants.
+        flags = [f'"rule {bit}"' for bit in range(len(conditions))]
+        columns = dict.fromkeys(["t0.id", "t0.version", "t0.autocommitted"])
+        columns.update(dict.fromkeys(_column(entity, member) for member in entity.members))
+        inner = ", ".join(
+            [*columns, *(f"({sql}) AS {flag}" for sql, flag in zip(conditions, flags, strict=True))]
+        )
+        matches = f"concat({', '.join(f'{flag}::int' for flag in flags)})" if flags else "''"
+        readable = "TRUE" if base is not None else " OR ".join(flags) or "FALSE"
+        members = []
+        for member in entity.members:
+            granted_by = [
+                flag for flag, rule in zip(flags, constrained, strict=True) if member in rule.reads
+            ]
+            if base is not None and member in base:
+                members.append(_member_json(entity, member))
+            elif granted_by:
+                members.append(
+                    f"CASE WHEN {' OR '.join(granted_by)} THEN {_member_json(entity, member)} END"
+                )
+        head = json.dumps({"op": "upsert", "entity": entity_name}, separators=(",", ":"))[:-1]
+        upsert = (
+            f"CASE WHEN {readable} THEN {_literal(head + _ID)} || t0.id || {_literal(_VERSION)} "
+            f"|| t0.version || {_literal(_DATA)} || concat_ws(',', {', '.join(members) or 'NULL'}) "
+            "|| '}}' END"
+        )
         sql = (
-            f"SELECT {', '.join(columns)} FROM {quote_table(entity.table)} t0 "
-            "WHERE t0.id = ANY($1::bigint[])"
+            f"SELECT t0.id, t0.version, t0.autocommitted, {matches}, {upsert} FROM "
+            f"(SELECT {inner} FROM {quote_table(entity.table)} t0 "
+            "WHERE t0.id = ANY($1::bigint[]) OFFSET 0) t0"
         )
-        return EntityQuery(
-            sql, members, base, tuple(entity.readable(rule) for rule in constrained), params
-        )
+        return EntityQuery(sql, base, tuple(rule.reads for rule in constrained), params)
 
 
-def _member_column(entity: Entity, member: str) -> str:
+def _column(entity: Entity, member: str) -> str:
     association = entity.associations.get(member)
     return f"t0.{quote_ident(association.column if association else member)}"
+
+
+def _member_json(entity: Entity, member: str) -> str:
+    """``"member":value`` as SQL text."""
+    kind = entity.attributes.get(member, "association")
+    return f"{_literal(json.dumps(member) + ':')} || {json_value(kind, _column(entity, member))}"
+
+
+def _literal(text: str) -> str:
+    """``text`` as an SQL string literal (names passed the model's patterns already)."""
+    return "'" + text.replace("'", "''") + "'"

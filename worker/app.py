@@ -90,6 +90,8 @@ class Worker:
             server_settings={
                 # The fetches are short; JIT compiling them costs more than it saves.
                 "jit": "off",
+                # PostgreSQL writes datetimes into the changes in UTC (worker.access).
+                "timezone": "UTC",
                 # A frozen worker must not hold a device's lock for ever.
                 "idle_in_transaction_session_timeout": str(int(settings.lock_idle_timeout * 1000)),
             },

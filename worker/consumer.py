@@ -26,6 +26,7 @@ from broker.publishing import json_message
 from broker.settle import Reject, Settlement, settle
 from broker.topology import JOB_DELIVERY_LIMIT
 from broker.wire import WireError, decode
+from worker.answers import Answer, answer_of
 from worker.eligibility import check_job_names
 from worker.errors import TRANSIENT_ERRORS, JobRejected
 from worker.handler import Claimed, JobHandler, claim, ignored
@@ -172,7 +173,7 @@ class JobConsumer:
         job: SyncJob | None,
         *,
         error: BaseException | None = None,
-        result: SyncResult | None = None,
+        result: Answer | None = None,
     ) -> None:
         """Answer the caller (``result``, or the rejection), then settle ``message``. A job
         handed back to be tried again gets no answer yet."""
@@ -181,7 +182,7 @@ class JobConsumer:
         async def answer(reason: str | None) -> None:
             final = result
             if reason is not None:
-                final = SyncResult(job_id=job_id, status="rejected", reason=reason)
+                final = answer_of(SyncResult(job_id=job_id, status="rejected", reason=reason))
             assert final is not None
             seconds = time.perf_counter() - started
             record_job(final, seconds)
@@ -196,7 +197,7 @@ class JobConsumer:
                     "synced": final.synced,
                     "removed": final.removed,
                     "skipped": final.skipped,
-                    "batches": len(final.batch_ids),
+                    "batches": final.batches,
                     "ms": seconds * 1000,
                 },
             )
@@ -204,7 +205,7 @@ class JobConsumer:
         if await settle(message, self._settlement, error, answer=answer) is None and error:
             record_failed_job(time.perf_counter() - started)
 
-    async def _reply(self, message: AbstractIncomingMessage, result: SyncResult) -> None:
+    async def _reply(self, message: AbstractIncomingMessage, result: Answer) -> None:
         if not message.reply_to:
             return
         if not message.reply_to.startswith(DIRECT_REPLY_TO):
@@ -215,9 +216,7 @@ class JobConsumer:
                 extra={"job_id": result.job_id, "reply_to": message.reply_to},
             )
             return
-        reply = json_message(
-            result.model_dump_json().encode(), correlation_id=message.correlation_id
-        )
+        reply = json_message(result.body, correlation_id=message.correlation_id)
         try:
             # Not mandatory: a caller that stopped waiting is no reason to fail the job.
             await self._results.publish(

@@ -1,53 +1,77 @@
 """The eligibility table of SPEC §4, as pure functions over a job and the rows read.
 
 The job-level rows of the table (origin, online app, device ownership) are decided by the
-handler; this module decides what each named object gets.
+handler; this module decides what each named object gets. It works on the records as
+fetched (``worker.access``): an object's upsert change is JSON text PostgreSQL wrote, so
+deciding builds no object per row, and outcomes are one code per named object.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker.models import (
-    Change,
-    ObjectKey,
-    ObjectOutcome,
-    OverlayChange,
-    RemoveChange,
-    RemoveReason,
-    SyncJob,
-    UpsertChange,
-)
+from broker.models import ObjectKey, OverlayChange, RemoveChange, RemoveReason, SyncJob
+from worker.access import AUTOCOMMITTED, MATCHES, UPSERT, VERSION
 from worker.errors import JobRejected
 from worker.model import DomainModel
 
-__all__ = ["Decision", "Row", "check_job_names", "decide"]
+__all__ = ["Decision", "Found", "check_job_names", "decide"]
+
+# One code per named object: what it gets, as it appears in the result.
+SYNCED, DELETED, GONE, NO_ACCESS, NEW, AUTOCOMMITTED_SKIP = range(6)
+_OUTCOMES = (
+    '"outcome":"synced","reason":null',
+    '"outcome":"removed","reason":"deleted"',
+    '"outcome":"removed","reason":"gone"',
+    '"outcome":"removed","reason":"no-access"',
+    '"outcome":"skipped","reason":"new"',
+    '"outcome":"skipped","reason":"autocommitted"',
+)
+_REMOVE_CODE: dict[RemoveReason, int] = {"deleted": DELETED, "gone": GONE, "no-access": NO_ACCESS}
 
 
-@dataclass(frozen=True, slots=True)
-class Row:
-    """An object's latest committed state as read from PostgreSQL.
+@dataclass(frozen=True)
+class Found:
+    """The records of one entity read for the jobs in hand, by id, and what an object
+    whose rules matched as ``matches`` lets the user read (``EntityQuery.readable``)."""
 
-    ``readable`` holds the members the user's matching access rules let them read, or
-    ``None`` when no rule of any of their roles matches the object.
-    """
-
-    id: int
-    version: int
-    autocommitted: bool
-    values: Mapping[str, Any]
-    readable: frozenset[str] | None
+    records: Mapping[int, Sequence[Any]]
+    readable: Callable[[str], frozenset[str] | None]
 
 
 @dataclass
 class Decision:
-    outcomes: list[ObjectOutcome] = field(default_factory=list)
-    changes: list[Change] = field(default_factory=list)
+    """What the named objects get: ``codes[i]`` for the ``i``-th target, and the changes
+    for the device as JSON texts, in the order of the targets."""
 
-    def count(self, outcome: str) -> int:
-        return sum(1 for item in self.outcomes if item.outcome == outcome)
+    targets: Sequence[ObjectKey]
+    codes: bytearray = field(default_factory=bytearray)
+    changes: list[str] = field(default_factory=list)
+
+    @property
+    def synced(self) -> int:
+        return self.codes.count(SYNCED)
+
+    @property
+    def removed(self) -> int:
+        return sum(self.codes.count(code) for code in (DELETED, GONE, NO_ACCESS))
+
+    @property
+    def skipped(self) -> int:
+        return self.codes.count(NEW) + self.codes.count(AUTOCOMMITTED_SKIP)
+
+    def objects_json(self) -> str:
+        """The per-object outcomes as the result's ``objects`` JSON array."""
+        return (
+            "["
+            + ",".join(
+                f'{{"entity":"{entity}","id":{object_id},{_OUTCOMES[code]}}}'
+                for (entity, object_id), code in zip(self.targets, self.codes, strict=True)
+            )
+            + "]"
+        )
 
 
 def check_job_names(job: SyncJob, model: DomainModel, targets: Sequence[ObjectKey]) -> None:
@@ -68,61 +92,59 @@ def check_job_names(job: SyncJob, model: DomainModel, targets: Sequence[ObjectKe
             raise JobRejected(f"unknown-member: {change.ref.entity}.{unknown[0]}")
 
 
-def decide(
-    job: SyncJob, targets: Sequence[ObjectKey], rows: Mapping[str, Mapping[int, Row]]
-) -> Decision:
+_NOTHING: Mapping[int, Sequence[Any]] = {}
+
+
+def decide(job: SyncJob, targets: Sequence[ObjectKey], found: Mapping[str, Found]) -> Decision:
     """What each named object gets, in the order of SPEC §4, each object once.
 
-    ``rows`` holds, per entity, the rows found for the named ids; a missing id is gone.
+    ``found`` holds, per entity, the records read for the named ids; a missing id is gone.
     """
     deleted = {(ref.entity, ref.id) for ref in job.deleted}
     new = {(ref.entity, ref.id) for ref in job.new}
     overlays = {change.key: change.changes for change in job.uncommitted}
-    decision = Decision()
+    decision = Decision(targets)
+    codes, changes = decision.codes, decision.changes
     for key in targets:
-        row = rows.get(key[0], {}).get(key[1])
+        entity = found.get(key[0])
+        row = (entity.records if entity else _NOTHING).get(key[1])
         if key in deleted:
             _remove(decision, key, "deleted", row)
         elif key in new:
             # A new object was never committed, so it is not in the database either:
             # this check must come before "gone".
-            _skip(decision, key, "new")
+            codes.append(NEW)
         elif row is None:
             _remove(decision, key, "gone", None)
-        elif row.autocommitted:
-            _skip(decision, key, "autocommitted")
-        elif row.readable is None:
+        elif row[AUTOCOMMITTED]:
+            codes.append(AUTOCOMMITTED_SKIP)
+        elif row[UPSERT] is None:
             _remove(decision, key, "no-access", row)
         else:
-            _sync(decision, key, row, row.readable, overlays.get(key))
+            codes.append(SYNCED)
+            changes.append(row[UPSERT])
+            if key in overlays:
+                assert entity is not None
+                _overlay(decision, key, overlays[key], entity.readable(row[MATCHES]))
     return decision
 
 
-def _remove(decision: Decision, key: ObjectKey, reason: RemoveReason, row: Row | None) -> None:
-    decision.outcomes.append(
-        ObjectOutcome(entity=key[0], id=key[1], outcome="removed", reason=reason)
-    )
-    decision.changes.append(
-        RemoveChange(entity=key[0], id=key[1], reason=reason, version=row.version if row else None)
-    )
+def _remove(
+    decision: Decision, key: ObjectKey, reason: RemoveReason, row: Sequence[Any] | None
+) -> None:
+    decision.codes.append(_REMOVE_CODE[reason])
+    version = row[VERSION] if row is not None else None
+    change = RemoveChange(entity=key[0], id=key[1], reason=reason, version=version)
+    decision.changes.append(change.model_dump_json())
 
 
-def _skip(decision: Decision, key: ObjectKey, reason: str) -> None:
-    decision.outcomes.append(
-        ObjectOutcome(entity=key[0], id=key[1], outcome="skipped", reason=reason)
-    )
-
-
-def _sync(
+def _overlay(
     decision: Decision,
     key: ObjectKey,
-    row: Row,
-    readable: frozenset[str],
-    overlay: Mapping[str, Any] | None,
+    overlay: Mapping[str, Any],
+    readable: frozenset[str] | None,
 ) -> None:
-    decision.outcomes.append(ObjectOutcome(entity=key[0], id=key[1], outcome="synced"))
-    data = {member: value for member, value in row.values.items() if member in readable}
-    decision.changes.append(UpsertChange(entity=key[0], id=key[1], version=row.version, data=data))
-    visible = {member: value for member, value in (overlay or {}).items() if member in readable}
+    visible = {member: value for member, value in overlay.items() if member in (readable or ())}
     if visible:
-        decision.changes.append(OverlayChange(entity=key[0], id=key[1], changes=visible))
+        change = OverlayChange(entity=key[0], id=key[1], changes=visible)
+        decision.changes.append(change.model_dump_json())

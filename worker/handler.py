@@ -21,6 +21,7 @@ from broker.accounts import device_of_account
 from broker.errors import Refused, Unroutable
 from broker.models import ObjectKey, ResyncChange, Session, SyncJob, SyncResult
 from worker.access import AccessPolicy
+from worker.answers import Answer, answer_of, done, remembered
 from worker.eligibility import Decision, decide
 from worker.errors import JobRejected
 from worker.model import DomainModel
@@ -70,12 +71,12 @@ class Claimed:
     targets: list[ObjectKey]
 
 
-# What a job of a group comes to: its result, or why it is rejected.
-Outcome = SyncResult | JobRejected
+# What a job of a group comes to: its answer, or why it is rejected.
+Outcome = Answer | JobRejected
 
 
-def ignored(job: SyncJob, reason: str) -> SyncResult:
-    return SyncResult(job_id=job.job_id, status="ignored", reason=reason)
+def ignored(job: SyncJob, reason: str) -> Answer:
+    return answer_of(SyncResult(job_id=job.job_id, status="ignored", reason=reason))
 
 
 def claim(
@@ -108,18 +109,6 @@ def _resync_change(device: asyncpg.Record) -> ResyncChange | None:
     if device["resync_reason"] is None:
         return None
     return ResyncChange(reason=device["resync_reason"], since=device["resync_since"])
-
-
-def _result(job: SyncJob, decision: Decision, batches: Sequence[EncodedBatch]) -> SyncResult:
-    return SyncResult(
-        job_id=job.job_id,
-        status="done",
-        synced=decision.count("synced"),
-        removed=decision.count("removed"),
-        skipped=decision.count("skipped"),
-        objects=tuple(decision.outcomes),
-        batch_ids=tuple(batch.batch_id for batch in batches),
-    )
 
 
 class JobHandler:
@@ -181,9 +170,7 @@ class JobHandler:
         earlier = {job_id: outcomes[index] for job_id, index in first_of.items()}
         if answered:
             stored = await conn.fetch(_ANSWERS, device_id, list(answered))
-            earlier.update(
-                (row["job_id"], SyncResult.model_validate_json(row["result"])) for row in stored
-            )
+            earlier.update((row["job_id"], remembered(row["result"])) for row in stored)
         return [
             outcomes[index] if index in outcomes else earlier[item.job.job_id]
             for index, item in enumerate(claimed)
@@ -200,21 +187,21 @@ class JobHandler:
         stream, remember the answers; all under the device's lock."""
         session = _session(device["user_id"], device_id)
         union = list(dict.fromkeys(itertools.chain.from_iterable(c.targets for c in claimed)))
-        rows = await fetch_rows(
+        found = await fetch_rows(
             conn,
             self._policy,
             union,
-            session=session,
+            user_id=session.user_id,
             roles=frozenset(device["roles"]),
             chunk_size=self._chunk_size,
         )
         resync = _resync_change(device)
         per_job: list[tuple[SyncJob, Decision, list[EncodedBatch]]] = []
         for position, item in enumerate(claimed):
-            decision = decide(item.job, item.targets, rows)
+            decision = decide(item.job, item.targets, found)
             changes = decision.changes
             if resync is not None and position == 0:
-                changes = [resync, *changes]
+                changes = [resync.model_dump_json(), *changes]
             batches = self._publisher.encode(item.job.job_id, device_id, changes)
             per_job.append((item.job, decision, batches))
         try:
@@ -225,14 +212,17 @@ class JobHandler:
             # The queue dead-lettered the refused batch, so the device gets marked for
             # a resync; the callers learn now.
             raise JobRejected("device-queue-full") from None
-        results = [_result(job, decision, batches) for job, decision, batches in per_job]
+        answers = [
+            done(job.job_id, decision, [batch.batch_id for batch in batches])
+            for job, decision, batches in per_job
+        ]
         await conn.execute(
             _REMEMBER,
             device_id,
-            [result.job_id for result in results],
-            [result.model_dump_json() for result in results],
+            [answer.job_id for answer in answers],
+            [answer.body.decode() for answer in answers],
         )
         if resync is not None:
             # Still under the device lock: no later job's batch can be lost unseen.
             await conn.execute(_RESYNC_ANNOUNCED, device_id, resync.since)
-        return list(results)
+        return list(answers)

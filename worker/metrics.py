@@ -3,8 +3,8 @@
 Call sites stay one line::
 
     started = time.monotonic()
-    result = await handle(job)
-    record_job(result, time.monotonic() - started)
+    answer = await handle(job)
+    record_job(answer, time.monotonic() - started)
 
     with DEVICE_LOCK_WAIT.time():
         await take_device_lock(connection, device_id)
@@ -16,7 +16,7 @@ from typing import Literal
 
 from prometheus_client import Counter, Histogram
 
-from broker.models import SyncResult
+from worker.answers import Answer
 
 __all__ = [
     "BATCHES_PUBLISHED",
@@ -30,7 +30,7 @@ __all__ = [
     "record_job",
 ]
 
-# A SyncResult's status, or "failed": the job raised and was not answered.
+# An answer's status, or "failed": the job raised and was not answered.
 JobStatus = Literal["done", "ignored", "rejected", "failed"]
 _STATUSES: tuple[JobStatus, ...] = ("done", "ignored", "rejected", "failed")
 
@@ -60,14 +60,14 @@ for _outcome in ("synced", "removed", "skipped"):
     OBJECTS.labels(outcome=_outcome)
 
 
-def record_job(result: SyncResult, seconds: float) -> None:
+def record_job(answer: Answer, seconds: float) -> None:
     """Counts an answered job: its status, its objects by outcome and its batches."""
-    JOBS.labels(status=result.status).inc()
+    JOBS.labels(status=answer.status).inc()
     JOB_DURATION.observe(seconds)
-    OBJECTS.labels(outcome="synced").inc(result.synced)
-    OBJECTS.labels(outcome="removed").inc(result.removed)
-    OBJECTS.labels(outcome="skipped").inc(result.skipped)
-    BATCHES_PUBLISHED.inc(len(result.batch_ids))
+    OBJECTS.labels(outcome="synced").inc(answer.synced)
+    OBJECTS.labels(outcome="removed").inc(answer.removed)
+    OBJECTS.labels(outcome="skipped").inc(answer.skipped)
+    BATCHES_PUBLISHED.inc(answer.batches)
 
 
 def record_failed_job(seconds: float) -> None:

@@ -8,6 +8,8 @@ with the position of the mistake (``entities.WorkOrder.access[0].read[1]: ...``)
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
+from functools import cached_property
 from importlib.resources import files
 from pathlib import Path
 from typing import Annotated, Literal
@@ -17,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from broker.errors import ConfigurationError
 from broker.models import ENTITY_NAME_PATTERN, MEMBER_NAME_PATTERN
-from worker.rules import ConstraintError, Parameters, compile_constraint
+from worker.rules import Constraint, ConstraintError, check_constraint
 from worker.system import FILE_ENTITIES, SYSTEM_ENTITIES, USER_ENTITY
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "DomainModel",
     "Entity",
     "ModelError",
+    "Rule",
     "load_model",
     "parse_model",
 ]
@@ -106,11 +109,56 @@ class Entity(_Spec):
         return frozenset(self.members if rule.read == "*" else rule.read)
 
 
+@dataclass(frozen=True)
+class Rule:
+    """An access rule as the worker applies it, checked at load: its roles, the members it
+    lets them read, and its constraint compiled against the model."""
+
+    roles: frozenset[str]
+    reads: frozenset[str]
+    constraint: Constraint | None
+
+    def applies_to(self, roles: frozenset[str]) -> bool:
+        return not self.roles.isdisjoint(roles)
+
+
+class _RuleError(Exception):
+    def __init__(self, where: str, message: str) -> None:
+        super().__init__(message)
+        self.where = where
+
+
 class DomainModel(_Spec):
     entities: dict[EntityName, Entity]
 
     def entity(self, name: str) -> Entity | None:
         return self.entities.get(name)
+
+    def rules(self, name: str) -> tuple[Rule, ...]:
+        """The access rules of entity ``name``, checked."""
+        return self.access_rules[name]
+
+    @cached_property
+    def access_rules(self) -> dict[str, tuple[Rule, ...]]:
+        """Every entity's checked rules, by entity; computed once (``parse_model`` does)."""
+        return {
+            name: tuple(
+                self._rule(name, entity, position, rule)
+                for position, rule in enumerate(entity.access)
+            )
+            for name, entity in self.entities.items()
+        }
+
+    def _rule(self, name: str, entity: Entity, position: int, rule: AccessRule) -> Rule:
+        constraint = None
+        if rule.constraint is not None:
+            try:
+                constraint = check_constraint(rule.constraint, entities=self.entities, entity=name)
+            except ConstraintError as error:
+                raise _RuleError(
+                    f"entities.{name}.access[{position}].constraint", str(error)
+                ) from None
+        return Rule(frozenset(rule.roles), entity.readable(rule), constraint)
 
     def is_file(self, name: str) -> bool:
         """True when ``name`` generalizes System.FileDocument or System.Image."""
@@ -177,17 +225,11 @@ def _check_references(model: DomainModel, source: str) -> None:
                 raise ModelError(
                     source, f"{where}.access[{position}].read", f"unknown members {unknown}"
                 )
-            if rule.constraint is not None:
-                where_rule = f"{where}.access[{position}]"
-                _check_constraint(model, name, rule.constraint, source, where_rule)
-
-
-def _check_constraint(model: DomainModel, entity: str, text: str, source: str, where: str) -> None:
-    """Compile once at load, so a bad constraint fails here and never at sync time."""
     try:
-        compile_constraint(text, entities=model.entities, entity=entity, params=Parameters())
-    except ConstraintError as error:
-        raise ModelError(source, f"{where}.constraint", str(error)) from None
+        # Constraints are compiled once, here, so a bad one fails at load, never at sync time.
+        model.access_rules  # noqa: B018
+    except _RuleError as error:
+        raise ModelError(source, error.where, str(error)) from None
 
 
 def parse_model(text: str, source: str = "<model>") -> DomainModel:

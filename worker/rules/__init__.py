@@ -2,6 +2,22 @@
 
 from worker.rules.errors import ConstraintError
 from worker.rules.parser import parse
-from worker.rules.sql import CURRENT_USER, Parameters, compile_constraint
+from worker.rules.sql import (
+    CURRENT_USER,
+    Constraint,
+    EntityShape,
+    Parameters,
+    check_constraint,
+    compile_constraint,
+)
 
-__all__ = ["CURRENT_USER", "ConstraintError", "Parameters", "compile_constraint", "parse"]
+__all__ = [
+    "CURRENT_USER",
+    "Constraint",
+    "ConstraintError",
+    "EntityShape",
+    "Parameters",
+    "check_constraint",
+    "compile_constraint",
+    "parse",
+]

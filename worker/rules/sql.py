@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from worker.rules import ast
 from worker.rules.errors import ConstraintError
@@ -22,10 +22,14 @@ from worker.rules.parser import parse
 from worker.sql import quote_ident, quote_table
 from worker.system import USER_ENTITY, USER_ROLES
 
-if TYPE_CHECKING:
-    from worker.model import AttributeType, Entity
-
-__all__ = ["CURRENT_USER", "Parameters", "compile_constraint"]
+__all__ = [
+    "CURRENT_USER",
+    "Constraint",
+    "EntityShape",
+    "Parameters",
+    "check_constraint",
+    "compile_constraint",
+]
 
 _ROLE_TOKEN = re.compile(r"^UserRole_([A-Za-z][A-Za-z0-9_]*)$")
 _DATETIME_TOKENS = {
@@ -45,6 +49,27 @@ class _CurrentUser:
 CURRENT_USER = _CurrentUser()
 
 
+class AssociationShape(Protocol):
+    @property
+    def to(self) -> str: ...
+    @property
+    def column(self) -> str: ...
+
+
+class EntityShape(Protocol):
+    """What the compiler reads of an entity of the model (``worker.model.Entity`` has it),
+    so this package does not depend on the model module that uses it."""
+
+    @property
+    def table(self) -> str | None: ...
+    @property
+    def persistable(self) -> bool: ...
+    @property
+    def attributes(self) -> Mapping[str, str]: ...
+    @property
+    def associations(self) -> Mapping[str, AssociationShape]: ...
+
+
 class Parameters:
     """The bind parameters of one statement: constants, and the session user bound per job.
 
@@ -60,30 +85,56 @@ class Parameters:
         self._sources: list[Any] = []
 
     def constant(self, value: object, sql_type: str) -> str:
-        self._sources.append(value)
-        return f"${self._first + len(self._sources) - 1}::{sql_type}"
+        return f"${self.number(value)}::{sql_type}"
 
     def current_user(self) -> str:
-        if CURRENT_USER not in self._sources:
-            self._sources.append(CURRENT_USER)
-        return f"${self._first + self._sources.index(CURRENT_USER)}::bigint"
+        return f"${self.number(CURRENT_USER)}::bigint"
+
+    def number(self, source: object) -> int:
+        """The number of the parameter that takes ``source`` (the session user's is shared)."""
+        if source is not CURRENT_USER or CURRENT_USER not in self._sources:
+            self._sources.append(source)
+            return self._first + len(self._sources) - 1
+        return self._first + self._sources.index(CURRENT_USER)
+
+    @property
+    def sources(self) -> tuple[Any, ...]:
+        return tuple(self._sources)
 
     def values(self, *, user_id: int) -> list[Any]:
         return [user_id if source is CURRENT_USER else source for source in self._sources]
 
 
-def compile_constraint(
-    text: str,
-    *,
-    entities: Mapping[str, Entity],
-    entity: str,
-    params: Parameters,
-    alias: str = "t0",
-) -> str:
-    """The SQL condition of constraint ``text`` on ``entity`` whose table is aliased ``alias``.
+_PLACEHOLDER = re.compile(r"\$(\d+)::")
 
-    Raises ``ConstraintError`` (with the position) when the text does not parse or names
-    something the model does not have.
+
+@dataclass(frozen=True)
+class Constraint:
+    """A constraint checked against the model once, at load: its text, and its SQL over
+    the table aliased ``t0`` with parameters numbered from ``$1``."""
+
+    text: str
+    template: str
+    sources: tuple[Any, ...]
+
+    def sql(self, params: Parameters) -> str:
+        """The condition, its parameters numbered after those ``params`` holds already."""
+        numbers = [params.number(source) for source in self.sources]
+        return _PLACEHOLDER.sub(lambda match: f"${numbers[int(match[1]) - 1]}::", self.template)
+
+
+def check_constraint(text: str, *, entities: Mapping[str, EntityShape], entity: str) -> Constraint:
+    """Constraint ``text`` on ``entity``, checked. Raises ``ConstraintError`` (with the
+    position) when the text does not parse or names something the model does not have."""
+    params = Parameters()
+    template = _Compiler(text, entities, params).expr(parse(text), entity, "t0")
+    return Constraint(text, template, params.sources)
+
+
+def compile_constraint(
+    text: str, *, entities: Mapping[str, EntityShape], entity: str, params: Parameters
+) -> str:
+    """The SQL condition of constraint ``text`` on ``entity`` whose table is aliased ``t0``.
 
     Example::
 
@@ -91,7 +142,7 @@ def compile_constraint(
                            params=Parameters(first=2))
         # '(lower(t0."status") = lower($2::text)) IS TRUE'
     """
-    return _Compiler(text, entities, params).expr(parse(text), entity, alias)
+    return check_constraint(text, entities=entities, entity=entity).sql(params)
 
 
 # What a path leads to.
@@ -99,7 +150,7 @@ def compile_constraint(
 class _Attribute:
     name: str
     sql: str
-    type: AttributeType
+    type: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +188,7 @@ class _Join:
 
 
 class _Compiler:
-    def __init__(self, text: str, entities: Mapping[str, Entity], params: Parameters) -> None:
+    def __init__(self, text: str, entities: Mapping[str, EntityShape], params: Parameters) -> None:
         self._text = text
         self._entities = entities
         self._params = params
