@@ -8,6 +8,9 @@ deciding builds no object per row, and outcomes are one code per named object.
 
 from __future__ import annotations
 
+import itertools
+import operator
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +32,8 @@ _OUTCOMES = (
     '"outcome":"skipped","reason":"new"',
     '"outcome":"skipped","reason":"autocommitted"',
 )
+_RUNS = re.compile(rb"(.)\1*", re.DOTALL)
+_ENTITY, _ID = operator.itemgetter(0), operator.itemgetter(1)
 _REMOVE_CODE: dict[RemoveReason, int] = {"deleted": DELETED, "gone": GONE, "no-access": NO_ACCESS}
 
 
@@ -63,15 +68,18 @@ class Decision:
         return self.codes.count(NEW) + self.codes.count(AUTOCOMMITTED_SKIP)
 
     def objects_json(self) -> str:
-        """The per-object outcomes as the result's ``objects`` JSON array."""
-        return (
-            "["
-            + ",".join(
-                f'{{"entity":"{entity}","id":{object_id},{_OUTCOMES[code]}}}'
-                for (entity, object_id), code in zip(self.targets, self.codes, strict=True)
-            )
-            + "]"
-        )
+        """The per-object outcomes as the result's ``objects`` JSON array.
+
+        Written a run at a time (objects in a row with the same entity and outcome, as a
+        bulk job's are), with the ids joined by C code, not formatted one by one.
+        """
+        runs = []
+        for run in _RUNS.finditer(self.codes):
+            tail = f",{_OUTCOMES[run[0][0]]}}}"
+            for entity, keys in itertools.groupby(self.targets[run.start() : run.end()], _ENTITY):
+                head = f'{{"entity":"{entity}","id":'
+                runs.append(head + (tail + "," + head).join(map(str, map(_ID, keys))) + tail)
+        return "[" + ",".join(runs) + "]"
 
 
 def check_job_names(job: SyncJob, model: DomainModel, targets: Sequence[ObjectKey]) -> None:
