@@ -34,6 +34,7 @@ from broker.topology import JOBS_QUEUE, device_queue_name, existing_queue
 from tests.conftest import (
     MODEL_PATH,
     ROOT,
+    WORKER_ROLE,
     MakeDevice,
     Services,
     account_url,
@@ -41,6 +42,8 @@ from tests.conftest import (
     start_agent,
     wait_for,
 )
+from worker import DomainModel
+from worker.schema import create_worker_role, init_database
 from worker.settings import ServerSettings
 
 # A program that has not ended within this long is taken to hang.
@@ -474,6 +477,23 @@ async def test_worker_with_an_attribute_that_has_no_column_does_not_start(
         "column t_task.nocolumn for Task.nocolumn (string): missing",
     )
     assert time.monotonic() - started < PROGRAM_TIMEOUT
+
+
+async def test_worker_on_a_sync_schema_of_an_older_version_says_to_run_db_init(
+    services: Services, pg: asyncpg.Connection, model: DomainModel
+):
+    await pg.execute("DROP PROCEDURE sync.release_device(text, text[], text[], timestamptz)")
+    try:
+        _fails(
+            await _run(services, "worker", SYNC_DATABASE_URL=services.worker_database_url),
+            1,
+            "sync-worker: the model does not match the database",
+            "routine sync.release_device(text,text[],text[],timestamptz): missing or not "
+            "executable (run `syncctl db init`)",
+        )
+    finally:
+        await init_database(pg, model)
+        await create_worker_role(pg, model, WORKER_ROLE, WORKER_ROLE)
 
 
 # 8. sync-agent ends at once, saying why, when it cannot work.

@@ -82,6 +82,7 @@ class Worker:
     @classmethod
     async def start(cls, settings: WorkerSettings, model: DomainModel | None = None) -> Worker:
         model = model or await load_model(settings.model_path())
+        idle_timeout = str(int(settings.lock_idle_timeout * 1000))
         pool = await create_pool(
             settings.database_url,
             min_size=1,
@@ -92,9 +93,13 @@ class Worker:
                 "jit": "off",
                 # PostgreSQL writes datetimes into the changes in UTC (worker.access).
                 "timezone": "UTC",
-                # A frozen worker must not hold a device's lock for ever.
-                "idle_in_transaction_session_timeout": str(int(settings.lock_idle_timeout * 1000)),
+                # A frozen worker must not hold a device's lock for ever: its session ends
+                # when idle this long, and the lock with it (worker.handler).
+                "idle_session_timeout": idle_timeout,
+                "idle_in_transaction_session_timeout": idle_timeout,
             },
+            # The pool closes idle connections well before PostgreSQL would end them.
+            max_inactive_connection_lifetime=settings.lock_idle_timeout / 2,
             reset=_keep_connection_as_is,
         )
         try:

@@ -1,11 +1,14 @@
 """Handles the jobs of one device that a worker has in hand, together: the device checks,
 one read of the union of their targets, the decisions, one stream of batches.
 
-The device is taken with ``pg_try_advisory_xact_lock``: a device another worker is
-serving raises ``Busy`` at once, so no job ever waits for a device while it holds a
-database connection (the scheduler parks the device and tries again). The lock is held
-from the read until the broker confirmed the batches and the transaction commits, so two
-workers cannot interleave one device's jobs: the later reader always publishes later.
+The device is taken with ``sync.take_device`` (a session advisory lock, tried, never
+waited for): a device another worker is serving raises ``Busy`` at once, so no job ever
+waits for a device while it holds a database connection (the scheduler parks the device
+and tries again). The lock is held from the read until the broker confirmed the batches
+and ``sync.release_device`` committed the answers, so two workers cannot interleave one
+device's jobs: the later reader always publishes later. A small job costs three
+statements: take (the lock, the device, its user's roles, earlier answers), fetch, and
+release.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 import asyncpg
 from pydantic import ValidationError
@@ -28,36 +32,17 @@ from worker.model import DomainModel
 from worker.publisher import BatchPublisher, EncodedBatch
 from worker.resolver import fetch_rows
 from worker.scheduler import Busy
+from worker.schema import DEVICE_LOCK_CLASS
 
 __all__ = ["DEVICE_LOCK_CLASS", "Claimed", "JobHandler", "Outcome", "claim", "ignored"]
 
-# Namespaces the per-device advisory locks among any other advisory locks of the database.
-DEVICE_LOCK_CLASS = 0x5D0C
-
-# Its own statement: under READ COMMITTED a statement reads a snapshot taken when it
-# starts, so only statements after this one see what the previous run of the device
-# committed.
-_TRY_LOCK = "SELECT pg_try_advisory_xact_lock($1, hashtext($2))"
-# The device, its user's roles (always from PostgreSQL, never from the job), and which of
-# the jobs in hand it has answered before (a caller that retried with the same job id).
-_READ_DEVICE = """
-SELECT d.user_id, d.offline, d.resync_reason, d.resync_since,
-       ARRAY(SELECT r.role FROM sync.user_role r WHERE r.user_id = d.user_id) AS roles,
-       ARRAY(SELECT j.job_id FROM sync.job_result j
-             WHERE j.device_id = d.device_id AND j.job_id = ANY($2::text[])) AS answered
-FROM sync.device d WHERE d.device_id = $1
-"""
-_ANSWERS = "SELECT job_id, result FROM sync.job_result WHERE device_id = $1 AND job_id = ANY($2)"
-_REMEMBER = """
-INSERT INTO sync.job_result (device_id, job_id, result)
-SELECT $1, job_id, result FROM unnest($2::text[], $3::text[]) AS t(job_id, result)
-ON CONFLICT DO NOTHING
-"""
-# The device was just told to resync: the mark goes (unless a newer loss moved it).
-_RESYNC_ANNOUNCED = (
-    "UPDATE sync.device SET resync_reason = NULL, resync_since = NULL "
-    "WHERE device_id = $1 AND resync_since = $2"
-)
+# The lock, then the device, its user's roles (always from PostgreSQL, never from the
+# job) and the answers it gave before to jobs in hand (a caller that retried).
+_TAKE = "SELECT * FROM sync.take_device($1, $2::text[])"
+_RELEASE = "CALL sync.release_device($1, $2::text[], $3::text[], $4)"
+# After a run that failed: the device goes back, nothing is remembered.
+_LET_GO = "SELECT pg_advisory_unlock($1, hashtext($2))"
+_LET_GO_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True, eq=False)
@@ -106,9 +91,9 @@ def _session(user_id: int, device_id: str) -> Session:
 
 
 def _resync_change(device: asyncpg.Record) -> ResyncChange | None:
-    if device["resync_reason"] is None:
+    if device["lost_reason"] is None:
         return None
-    return ResyncChange(reason=device["resync_reason"], since=device["resync_since"])
+    return ResyncChange(reason=device["lost_reason"], since=device["lost_since"])
 
 
 class JobHandler:
@@ -132,13 +117,24 @@ class JobHandler:
     async def handle(self, device_id: str, claimed: Sequence[Claimed]) -> list[Outcome]:
         """One outcome per job of ``claimed``, in order."""
         job_ids = [c.job.job_id for c in claimed]
-        async with self._pool.acquire() as conn, conn.transaction():
-            if not await conn.fetchval(_TRY_LOCK, DEVICE_LOCK_CLASS, device_id):
+        async with self._pool.acquire() as conn:
+            device = await conn.fetchrow(_TAKE, device_id, job_ids)
+            if not device["taken"]:
                 raise Busy(device_id)
-            device = await conn.fetchrow(_READ_DEVICE, device_id, job_ids)
-            if device is None:
+            if not device["known"]:
                 return [JobRejected("unknown-device")] * len(claimed)
-            outcomes = await self._serve(conn, device_id, device, claimed)
+            try:
+                outcomes, ran, announced = await self._serve(conn, device_id, device, claimed)
+                await conn.execute(
+                    _RELEASE,
+                    device_id,
+                    [answer.job_id for answer in ran],
+                    [answer.body.decode() for answer in ran],
+                    announced,
+                )
+            except BaseException:
+                await _let_go(conn, device_id)
+                raise
         return outcomes
 
     async def _serve(
@@ -147,34 +143,43 @@ class JobHandler:
         device_id: str,
         device: asyncpg.Record,
         claimed: Sequence[Claimed],
-    ) -> list[Outcome]:
+    ) -> tuple[list[Outcome], list[Answer], datetime | None]:
+        """The outcome of each job, the answers of the jobs that ran (to remember), and the
+        resync mark they announced, if any."""
         outcomes: dict[int, Outcome] = {}
-        answered = set(device["answered"])
+        # Retries of a job already answered, earlier or in hand now: the same answer.
+        earlier: dict[str, Outcome] = {
+            job_id: remembered(result)
+            for job_id, result in zip(
+                device["answered_ids"], device["answered_results"], strict=True
+            )
+        }
         first_of: dict[str, int] = {}
         to_run: list[tuple[int, Claimed]] = []
         for index, item in enumerate(claimed):
-            if item.claimed_user is not None and device["user_id"] != item.claimed_user:
+            if item.claimed_user is not None and device["owner"] != item.claimed_user:
                 outcomes[index] = JobRejected("device-not-owned")
-            elif not device["offline"]:
+            elif not device["is_offline"]:
                 outcomes[index] = ignored(item.job, "online-app")
-            elif item.job.job_id not in answered and item.job.job_id not in first_of:
+            elif item.job.job_id not in earlier and item.job.job_id not in first_of:
                 first_of[item.job.job_id] = index
                 to_run.append((index, item))
+        ran: list[Answer] = []
+        announced = None
         if to_run:
+            results: list[Outcome]
             try:
-                results = await self._run(conn, device_id, device, [c for _, c in to_run])
+                ran, announced = await self._run(conn, device_id, device, [c for _, c in to_run])
+                results = list(ran)
             except JobRejected as rejected:
                 results = [rejected] * len(to_run)
             outcomes.update(zip((index for index, _ in to_run), results, strict=True))
-        # Retries of a job already answered, in hand now or earlier: the same answer.
-        earlier = {job_id: outcomes[index] for job_id, index in first_of.items()}
-        if answered:
-            stored = await conn.fetch(_ANSWERS, device_id, list(answered))
-            earlier.update((row["job_id"], remembered(row["result"])) for row in stored)
-        return [
+        earlier.update((job_id, outcomes[index]) for job_id, index in first_of.items())
+        answers = [
             outcomes[index] if index in outcomes else earlier[item.job.job_id]
             for index, item in enumerate(claimed)
         ]
+        return answers, ran, announced
 
     async def _run(
         self,
@@ -182,17 +187,18 @@ class JobHandler:
         device_id: str,
         device: asyncpg.Record,
         claimed: Sequence[Claimed],
-    ) -> list[Outcome]:
+    ) -> tuple[list[Answer], datetime | None]:
         """Read once for all of ``claimed``, decide per job, publish every batch in one
-        stream, remember the answers; all under the device's lock."""
-        session = _session(device["user_id"], device_id)
+        stream; all under the device's lock. Returns the answers and, when the batches
+        told the device to resync, the mark they announced."""
+        session = _session(device["owner"], device_id)
         union = list(dict.fromkeys(itertools.chain.from_iterable(c.targets for c in claimed)))
         found = await fetch_rows(
             conn,
             self._policy,
             union,
             user_id=session.user_id,
-            roles=frozenset(device["roles"]),
+            roles=frozenset(device["owner_roles"]),
             chunk_size=self._chunk_size,
         )
         resync = _resync_change(device)
@@ -216,13 +222,18 @@ class JobHandler:
             done(job.job_id, decision, [batch.batch_id for batch in batches])
             for job, decision, batches in per_job
         ]
-        await conn.execute(
-            _REMEMBER,
-            device_id,
-            [answer.job_id for answer in answers],
-            [answer.body.decode() for answer in answers],
-        )
-        if resync is not None:
-            # Still under the device lock: no later job's batch can be lost unseen.
-            await conn.execute(_RESYNC_ANNOUNCED, device_id, resync.since)
-        return list(answers)
+        # Released with the answers, still under the lock: no later job's batch is lost
+        # unseen.
+        return answers, resync.since if resync is not None else None
+
+
+async def _let_go(conn: asyncpg.Connection, device_id: str) -> None:
+    """Release the device after a run that failed. A connection that cannot do that is
+    closed, which ends its session and so its lock."""
+    try:
+        await conn.execute(_LET_GO, DEVICE_LOCK_CLASS, device_id, timeout=_LET_GO_TIMEOUT)
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
+        conn.terminate()
+    except BaseException:
+        conn.terminate()
+        raise

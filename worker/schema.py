@@ -11,12 +11,16 @@ from worker.model import AttributeType, DomainModel, Entity
 from worker.sql import quote_ident, quote_table
 
 __all__ = [
+    "DEVICE_LOCK_CLASS",
     "SYNC_SCHEMA_SQL",
     "create_index_sqls",
     "create_table_sql",
     "create_worker_role",
     "init_database",
 ]
+
+# Namespaces the per-device advisory locks among any other advisory locks of the database.
+DEVICE_LOCK_CLASS = 0x5D0C
 
 SYNC_SCHEMA_SQL = """
 CREATE SCHEMA IF NOT EXISTS sync;
@@ -44,6 +48,57 @@ CREATE TABLE IF NOT EXISTS sync.job_result (
     PRIMARY KEY (device_id, job_id)
 );
 CREATE INDEX IF NOT EXISTS job_result_answered_at ON sync.job_result (answered_at);
+-- A worker takes a device with take_device and lets it go with release_device. The lock
+-- is a session advisory lock, so a job's three statements (take, fetch, release) need no
+-- transaction around them; each reads after the lock was taken, so it sees what the
+-- previous holder committed. A frozen worker's session ends after idle_session_timeout,
+-- and its lock with it.
+CREATE OR REPLACE FUNCTION sync.take_device(p_device text, p_jobs text[])
+RETURNS TABLE (taken boolean, known boolean, owner bigint, is_offline boolean,
+               lost_reason text, lost_since timestamptz, owner_roles text[],
+               answered_ids text[], answered_results text[])
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NOT pg_try_advisory_lock(DEVICE_LOCK_CLASS, hashtext(p_device)) THEN
+        RETURN QUERY SELECT false, false, NULL::bigint, NULL::boolean, NULL::text,
+                            NULL::timestamptz, NULL::text[], NULL::text[], NULL::text[];
+        RETURN;
+    END IF;
+    -- A statement of its own: its snapshot is taken now, after the lock.
+    RETURN QUERY
+    SELECT true, true, d.user_id, d.offline, d.resync_reason, d.resync_since,
+           ARRAY(SELECT r.role FROM sync.user_role r WHERE r.user_id = d.user_id),
+           coalesce(a.ids, '{}'), coalesce(a.results, '{}')
+    FROM sync.device d
+    LEFT JOIN LATERAL (
+        SELECT array_agg(j.job_id) AS ids, array_agg(j.result) AS results
+        FROM sync.job_result j WHERE j.device_id = d.device_id AND j.job_id = ANY(p_jobs)
+    ) a ON true
+    WHERE d.device_id = p_device;
+    IF NOT FOUND THEN
+        PERFORM pg_advisory_unlock(DEVICE_LOCK_CLASS, hashtext(p_device));
+        RETURN QUERY SELECT true, false, NULL::bigint, NULL::boolean, NULL::text,
+                            NULL::timestamptz, NULL::text[], NULL::text[], NULL::text[];
+    END IF;
+END
+$$;
+-- Remembers the answers, clears a resync mark the device was just told about (unless a
+-- newer loss moved it), commits, and only then lets the device go.
+CREATE OR REPLACE PROCEDURE sync.release_device(
+    p_device text, p_jobs text[], p_results text[], p_announced timestamptz)
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO sync.job_result (device_id, job_id, result)
+    SELECT p_device, t.job_id, t.result FROM unnest(p_jobs, p_results) AS t(job_id, result)
+    ON CONFLICT DO NOTHING;
+    IF p_announced IS NOT NULL THEN
+        UPDATE sync.device SET resync_reason = NULL, resync_since = NULL
+        WHERE device_id = p_device AND resync_since = p_announced;
+    END IF;
+    COMMIT;
+    PERFORM pg_advisory_unlock(DEVICE_LOCK_CLASS, hashtext(p_device));
+END
+$$;
 -- One sequence for all tables: a row's version only ever grows, in commit order per row.
 CREATE SEQUENCE IF NOT EXISTS sync.version_seq;
 CREATE OR REPLACE FUNCTION sync.bump_version() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -52,7 +107,7 @@ BEGIN
     RETURN NEW;
 END
 $$;
-"""
+""".replace("DEVICE_LOCK_CLASS", str(DEVICE_LOCK_CLASS))
 
 _ROLE_PATTERN = r"[a-z_][a-z0-9_]{0,62}"
 
@@ -158,6 +213,11 @@ async def create_worker_role(
             f"GRANT UPDATE (resync_reason, resync_since) ON sync.device TO {grantee}"
         )
         await conn.execute(f"GRANT SELECT, INSERT, DELETE ON sync.job_result TO {grantee}")
+        await conn.execute(f"GRANT EXECUTE ON FUNCTION sync.take_device(text, text[]) TO {grantee}")
+        await conn.execute(
+            "GRANT EXECUTE ON PROCEDURE sync.release_device(text, text[], text[], timestamptz) "
+            f"TO {grantee}"
+        )
         for table in tables:
             await conn.execute(f"GRANT SELECT ON {quote_table(table)} TO {grantee}")
 

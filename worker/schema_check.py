@@ -29,6 +29,13 @@ _SYNC_TABLES = {
     "sync.job_result": ("device_id", "job_id", "result", "answered_at"),
 }
 
+# The routines workers take and release devices with (worker.schema), as this role may run them.
+_ROUTINES = ("sync.take_device(text,text[])", "sync.release_device(text,text[],text[],timestamptz)")
+_MISSING_ROUTINES = """
+SELECT r FROM unnest($1::text[]) r
+WHERE to_regprocedure(r) IS NULL OR NOT has_function_privilege(to_regprocedure(r), 'EXECUTE')
+"""
+
 _COLUMNS = """
 SELECT table_schema || '.' || table_name AS qualified, column_name, data_type
 FROM information_schema.columns
@@ -87,6 +94,10 @@ async def schema_problems(conn: asyncpg.Connection, model: DomainModel) -> list[
         f"table {table}: missing or not readable (run `syncctl db init`)"
         for table, columns in _SYNC_TABLES.items()
         if not set(columns) <= set(found.get(table, {}))
+    ]
+    problems += [
+        f"routine {record['r']}: missing or not executable (run `syncctl db init`)"
+        for record in await conn.fetch(_MISSING_ROUTINES, list(_ROUTINES))
     ]
     for name, entity in model.entities.items():
         if entity.persistable and entity.table is not None:

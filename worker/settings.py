@@ -50,8 +50,9 @@ class WorkerSettings(ServerSettings):
     # How long a job's answer is remembered, so a retry with the same job id is answered
     # the same and changes nothing (SPEC §7, idempotent submission).
     job_memory_hours: float = Field(default=24.0, gt=0)
-    # A run that holds a device's lock this long without a statement (its worker frozen,
-    # say) is ended by PostgreSQL, which frees the device for the other workers.
+    # A worker session that holds a device's lock this long without a statement (its
+    # worker frozen, say) is ended by PostgreSQL, which frees the device for the others.
+    # Keep it above publish_timeout: the lock is held while the batches are confirmed.
     lock_idle_timeout: float = Field(default=60.0, gt=0)
     batch_size: int = Field(default=500, ge=1, le=10_000)
     chunk_size: int = Field(default=5_000, ge=1, le=100_000)
