@@ -2,7 +2,8 @@
 
 A figure is measured once per run; the median is what reads, min and max show the noise.
 Pipeline figures are compared with the slowest raw ceiling of the same unit measured in
-the same run, so they read as ratios on any machine.
+the same run, so they read as ratios on any machine; a figure that names a ``baseline``
+(another figure of the same run) is compared with that one instead.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class Figure:
     higher_is_better: bool = True
     note: str = ""
     extra: dict[str, float] = field(default_factory=dict)
+    baseline: str = ""  # the name of the figure this one reads against, if not a ceiling
 
     @property
     def median(self) -> float:
@@ -61,21 +63,31 @@ def slowest_ceilings(figures: Sequence[Figure]) -> dict[str, Figure]:
     return slowest
 
 
+def _ratio_to_baseline(figure: Figure, figures: Sequence[Figure]) -> float | None:
+    base = next((other for other in figures if other.name == figure.baseline), None)
+    return figure.median / base.median if base is not None and base.median else None
+
+
 def as_table(figures: Sequence[Figure]) -> str:
     slowest = slowest_ceilings(figures)
-    header = f"{'figure':<52} {'median':>12} {'min':>12} {'max':>12}  {'unit':<10} {'/ceiling':>8}"
+    header = f"{'figure':<60} {'median':>12} {'min':>12} {'max':>12}  {'unit':<10} {'/ceiling':>8}"
     lines = [header, "-" * len(header)]
     for figure in figures:
         ceiling = slowest.get(figure.unit)
         ratio = ""
-        if figure.kind == "pipeline" and ceiling is not None and figure.higher_is_better:
+        to_baseline = _ratio_to_baseline(figure, figures) if figure.baseline else None
+        if to_baseline is not None:
+            ratio = f"{to_baseline:7.2f}b"
+        elif figure.kind == "pipeline" and ceiling is not None and figure.higher_is_better:
             ratio = f"{figure.median / ceiling.median:8.2f}"
         lines.append(
-            f"{figure.name:<52} {figure.median:>12,.1f} {min(figure.values):>12,.1f} "
+            f"{figure.name:<60} {figure.median:>12,.1f} {min(figure.values):>12,.1f} "
             f"{max(figure.values):>12,.1f}  {figure.unit:<10} {ratio:>8}"
         )
     for unit, ceiling in slowest.items():
         lines.append(f"slowest ceiling in {unit}: {ceiling.name}")
+    if any(figure.baseline for figure in figures):
+        lines.append("b: ratio to the figure's baseline (its part's first figure), not a ceiling")
     return "\n".join(lines)
 
 
@@ -97,6 +109,9 @@ def as_json(figures: Sequence[Figure]) -> str:
                         figure.median / slowest[figure.unit].median
                         if figure.kind == "pipeline" and figure.unit in slowest
                         else None
+                    ),
+                    "ratio_to_baseline": (
+                        _ratio_to_baseline(figure, figures) if figure.baseline else None
                     ),
                 }
                 for figure in figures
