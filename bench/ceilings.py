@@ -594,7 +594,8 @@ async def broker_paths(env: dict[str, str], *, runs: int = 3) -> list[Figure]:
                 # CPU per job tells the broker's cost apart from this process's, whichever
                 # of the two is the bound.
                 "broker_cpu_us_per_job": statistics.median(
-                    c / rate * 1e6 for c, rate in zip(cores[name]["cpu_broker"], values[name])
+                    used / rate * 1e6
+                    for used, rate in zip(cores[name]["cpu_broker"], values[name], strict=True)
                 ),
             },
         )
