@@ -275,6 +275,7 @@ async def rig(
     conn = await asyncpg.connect(database_url)
     connection = await connect(amqp_url, "bench-rig")
     channel = await open_channel(connection)
+    await declare_topology(channel)  # fresh services have no jobs queue yet
     await (await channel.get_queue(JOBS_QUEUE.name)).purge()
     stop = asyncio.Event()
     tasks: list[asyncio.Task[None]] = []
