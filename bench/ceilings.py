@@ -353,7 +353,7 @@ async def ceilings(env: dict[str, str], *, runs: int = 3) -> list[Figure]:
 
 # The broker part: a small job's broker traffic, message by message.
 
-PATH_JOBS = 4_000  # per pass; below the device queue's max length
+PATH_JOBS = 2_000  # per pass; below the device queue's max length
 CLASSIC_PUBLISH = "broker: confirmed publish, 1-object, classic v2 (device queue)"
 QUORUM_PUBLISH = "broker: confirmed publish, 1-object, quorum (as sync.jobs)"
 TRANSIENT_PUBLISH = "broker: confirmed publish, 1-object, classic v2, transient"

@@ -1,6 +1,6 @@
 """End-to-end figures: objects or jobs from publish until committed on the devices.
 
-    .venv/bin/python -m bench.pipeline [--runs 3] [--workers 1]
+    .venv/bin/python -m bench.pipeline [--runs 3] [--workers 1] [--profile DIR]
 
 - **bulk**: 100 list jobs of 1,000 objects over 10 devices, published at once (SPEC §11:
   1,000-object list jobs, small rows); objects/s until the last batch is applied.
@@ -12,17 +12,23 @@
   machine the second one measures the system rather than a queue in front of it.
 
 Workers run as processes; agents and the client share this process.
+
+With ``--profile DIR`` py-spy (``.venv/bin/pip install py-spy``) samples the first worker
+process and this one during each run's bulk and small-jobs parts, writes the raw stacks
+to DIR, and the top functions by self and total share are printed after the figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import time
+from pathlib import Path
 
-from bench.report import Figure, as_table, progress
-from bench.rig import Rig, rig, seed_work_orders, service_env
+from bench.report import Figure, as_table, profile_summary, progress
+from bench.rig import Rig, profiled, rig, seed_work_orders, service_env
 from broker import ObjectList
 
 __all__ = ["pipeline"]
@@ -115,9 +121,11 @@ async def pipeline(
     workers: int = 1,
     rate: float = 500.0,
     seconds: float = 5.0,
+    profile: Path | None = None,
 ) -> list[Figure]:
     """Bulk objects/s, small jobs/s, and the latency percentiles at ``rate`` jobs/s and at
-    half the small-jobs figure of each run."""
+    half the small-jobs figure of each run; with ``profile``, py-spy's raw stacks of the
+    bulk and small-jobs parts there."""
     ids = await seed_work_orders(env["SYNC_DATABASE_URL"], 100_000)
     bulk: list[float] = []
     small: list[float] = []
@@ -125,11 +133,14 @@ async def pipeline(
     fixed: dict[str, list[float]] = {name: [] for name, _ in PERCENTILES}
     half: dict[str, list[float]] = {name: [] for name, _ in PERCENTILES}
     async with rig(env, devices=DEVICES, workers=workers, ids=ids) as the_rig:
+        pids = {"bench": os.getpid(), "worker": the_rig.worker_pids[0]}
         for run in range(1, runs + 1):
             progress(f"pipeline run {run}/{runs}: bulk, 100 jobs x 1,000 objects")
-            bulk.append(await _bulk_once(the_rig, 100, 1_000))
+            async with profiled(profile, f"bulk-{run}", pids):
+                bulk.append(await _bulk_once(the_rig, 100, 1_000))
             progress(f"pipeline run {run}/{runs}: 2,000 single-object jobs in flight")
-            small.append(await _small_once(the_rig, 2_000))
+            async with profiled(profile, f"small-{run}", pids):
+                small.append(await _small_once(the_rig, 2_000))
             half_rates.append(small[-1] / 2)
             for offered, into in ((rate, fixed), (half_rates[-1], half)):
                 progress(
@@ -155,15 +166,18 @@ async def pipeline(
     ]
 
 
-async def main(runs: int, workers: int) -> None:
-    figures = await pipeline(service_env(), runs=runs, workers=workers)
+async def main(runs: int, workers: int, profile: Path | None) -> None:
+    figures = await pipeline(service_env(), runs=runs, workers=workers, profile=profile)
     print(as_table(figures))
     print(f"(median, min and max of {runs} runs)")
+    if profile is not None:
+        print(profile_summary(profile))
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--profile", type=Path, help="folder for py-spy's raw stacks")
     args = parser.parse_args()
-    asyncio.run(main(args.runs, args.workers))
+    asyncio.run(main(args.runs, args.workers, args.profile))

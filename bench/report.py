@@ -11,14 +11,17 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Literal
 
-__all__ = ["Figure", "as_json", "as_table", "progress", "slowest_ceilings"]
+__all__ = ["Figure", "as_json", "as_table", "profile_summary", "progress", "slowest_ceilings"]
 
 Kind = Literal["pipeline", "ceiling", "info"]
 _STARTED = time.monotonic()
@@ -123,3 +126,78 @@ def as_json(figures: Sequence[Figure]) -> str:
 
 def _cpus() -> int:
     return os.cpu_count() or 0
+
+
+# "function (path/to/file.py:123)": the line goes, so a function's samples add up.
+_FRAME = re.compile(r"^(?P<function>.*) \((?P<file>.*?)(?::(?P<line>\d+))?\)$")
+_PREFIXES = re.compile(r"^.*?(?:site-packages/|lib/python3\.\d+/|/work/[^/]+/)")
+# Leaves where a thread waits, which py-spy still counts as active (function, file, line;
+# no line: any), for the versions installed here: aiosqlite's thread waiting for work, the
+# thread pool's idle threads, asyncio's child watcher and the event loop's epoll wait.
+_IDLE = {
+    ("_connection_worker_thread", "aiosqlite/core.py", "59"),
+    ("_worker", "concurrent/futures/thread.py", "81"),
+    ("ThreadedChildWatcher._do_waitpid", "asyncio/unix_events.py", None),
+    ("EpollSelector.select", "selectors.py", None),
+}
+
+
+# Frames every busy stack passes through (the event loop, a program's entry), left out of
+# the ranking by total share, where they would fill the top with ~100% each.
+_PLUMBING = re.compile(
+    r"^(?:<module> |.* \((?:asyncio/|<frozen |threading\.py|broker/runtime\.py))"
+)
+
+
+def _frame(frame: str) -> tuple[str, str, str | None]:
+    match = _FRAME.match(frame)
+    if match is None:
+        return frame, "", None
+    return match["function"], _PREFIXES.sub("", match["file"]), match["line"]
+
+
+def _idle(leaf: tuple[str, str, str | None]) -> bool:
+    return leaf in _IDLE or (*leaf[:2], None) in _IDLE
+
+
+def profile_summary(folder: Path, top: int = 10) -> str:
+    """The ``top`` functions by self and by total share of busy samples, per part and
+    process, from the py-spy raw files ``<part>-<run>-<process>.txt`` in ``folder``; runs
+    add up, and samples of a thread waiting (``_IDLE``) are left out."""
+    own: dict[tuple[str, str], Counter[str]] = defaultdict(Counter)
+    within: dict[tuple[str, str], Counter[str]] = defaultdict(Counter)
+    samples: Counter[tuple[str, str]] = Counter()
+    for path in sorted(folder.glob("*-*-*.txt")):
+        part, _, role = path.stem.split("-", 2)
+        for line in path.read_text(errors="replace").splitlines():
+            stack, _, count = line.rpartition(" ")
+            if not stack or not count.isdigit():
+                continue
+            frames = [_frame(frame) for frame in stack.split(";")]
+            if _idle(frames[-1]):
+                continue
+            functions = [f"{function} ({file})" for function, file, _ in frames]
+            samples[part, role] += int(count)
+            own[part, role][functions[-1]] += int(count)
+            for function in set(functions):
+                within[part, role][function] += int(count)
+    lines = []
+    for key in sorted(samples):
+        total = samples[key]
+        lines.append(f"\n{key[0]}, {key[1]} process: {total:,} busy samples (100/s per thread)")
+        ranked = {
+            "self": [function for function, _ in own[key].most_common(top)],
+            "total (event loop and entry frames left out)": [
+                function
+                for function, _ in within[key].most_common()
+                if not _PLUMBING.match(function)
+            ][:top],
+        }
+        for title, functions in ranked.items():
+            lines.append(f"  top {top} by {title}:")
+            for function in functions:
+                lines.append(
+                    f"    {100 * own[key][function] / total:5.1f}% self "
+                    f"{100 * within[key][function] / total:5.1f}% total  {function}"
+                )
+    return "\n".join(lines)
