@@ -6,9 +6,12 @@ Starts the local services, then measures in one run:
 
 - the raw ceilings: AMQP confirmed publish and consume, PostgreSQL batch fetch, SQLite
   upsert;
+- the broker part of a small job: confirmed publish to a quorum, a classic and a transient
+  queue, and a small job's broker path (job, batch, optional reply) without the database;
 - the worker's resolve rate, with and without XPath constraints, on 100,000 rows;
 - the device side: store apply rate, an agent process draining a backlog, its memory;
-- the pipeline: bulk objects/s, small jobs/s, latency percentiles at 500 jobs/s;
+- the pipeline: bulk objects/s, small jobs/s, latency percentiles at 500 jobs/s and at
+  half the measured small-jobs figure;
 - scale-out: 1, 2 and 4 worker processes on one job stream, with its checks, at 20 and
   at 1,000 devices, and with the workers' database 20 ms away (worker-bound);
 - isolation: the other devices' latency while a worker holding a device's job is
@@ -28,7 +31,7 @@ from functools import partial
 from pathlib import Path
 
 from bench.agent import device_side
-from bench.ceilings import ceilings
+from bench.ceilings import broker_paths, ceilings
 from bench.fleet import fleet
 from bench.isolation import isolation
 from bench.pipeline import pipeline
@@ -41,6 +44,7 @@ Suite = Callable[[dict[str, str], int], Awaitable[list[Figure]]]
 
 SUITES: dict[str, Suite] = {
     "ceilings": lambda env, runs: ceilings(env, runs=runs),
+    "broker": lambda env, runs: broker_paths(env, runs=runs),
     "resolve": lambda env, runs: resolve(env, runs=runs),
     "device": lambda env, runs: device_side(env, runs=runs),
     "pipeline": lambda env, runs: pipeline(env, runs=runs),

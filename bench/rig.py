@@ -17,7 +17,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +45,7 @@ __all__ = [
     "accounts",
     "declare_jobs_topology",
     "in_process_agents",
+    "profiled",
     "rig",
     "running_workers",
     "seed_work_orders",
@@ -146,6 +147,46 @@ async def running_workers(
             progress(f"warning: workers exited with {failed}; logs in {folder}")
 
 
+@asynccontextmanager
+async def profiled(folder: Path | None, name: str, pids: Mapping[str, int]) -> AsyncIterator[None]:
+    """py-spy sampling each process of ``pids`` (role -> pid) while in the block, its raw
+    stacks written to ``folder/<name>-<role>.txt``; nothing at all when ``folder`` is None.
+
+    Example::
+
+        async with profiled(Path("profile"), "small-1", {"bench": os.getpid()}):
+            ...
+    """
+    if folder is None:
+        yield
+        return
+    py_spy = shutil.which("py-spy", path=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    if py_spy is None:
+        raise RuntimeError("py-spy is not installed: .venv/bin/pip install py-spy")
+    await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
+    samplers = [
+        await asyncio.create_subprocess_exec(
+            # Non-blocking: stopping the process for each sample slowed it several times.
+            *(py_spy, "record", "--nonblocking", "--format", "raw", "--rate", "100"),
+            *("--pid", str(pid)),
+            *("--output", str(folder / f"{name}-{role}.txt")),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        for role, pid in pids.items()
+    ]
+    try:
+        # py-spy needs a moment to attach; samples before that would be lost.
+        await asyncio.sleep(0.5)
+        yield
+    finally:
+        for sampler in samplers:
+            sampler.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+        for sampler in samplers:
+            await sampler.wait()
+
+
 class AppliedBatches:
     """When each batch was committed on its device, from the agents' ``on_applied`` hook;
     and a wait for a set of batches. One log serves any number of in-process agents (batch
@@ -232,6 +273,7 @@ class Rig:
     sessions: list[Session]
     stores: list[OfflineStore]
     ids: list[int]
+    worker_pids: list[int] = field(default_factory=list)
     applied: Counter[str] = field(default_factory=Counter)
     # job id -> perf_counter() when its latest batch was committed on its device
     last_applied: dict[str, float] = field(default_factory=dict)
@@ -275,6 +317,7 @@ async def rig(
     conn = await asyncpg.connect(database_url)
     connection = await connect(amqp_url, "bench-rig")
     channel = await open_channel(connection)
+    await declare_topology(channel)  # fresh services have no jobs queue yet
     await (await channel.get_queue(JOBS_QUEUE.name)).purge()
     stop = asyncio.Event()
     tasks: list[asyncio.Task[None]] = []
@@ -294,7 +337,8 @@ async def rig(
             tasks.append(asyncio.create_task(agent.run(stop)))
             stores.append(await OfflineStore.open(path))
         the_rig.stores = stores
-        async with running_workers(env, workers, folder, "pipeline"):
+        async with running_workers(env, workers, folder, "pipeline") as processes:
+            the_rig.worker_pids = [process.pid for process in processes]
             progress(f"rig: {devices} devices, {workers} worker process(es); warming up")
             warm_up = await client.synchronize_to_device(
                 the_rig.sessions[0], objects=the_rig.refs(0, 1), timeout=60
