@@ -25,7 +25,7 @@ from broker.closing import AsyncClosable
 from broker.models import ChangeBatch
 from broker.wire import as_read_batch
 from device_agent import tables
-from device_agent.apply import BatchRows, apply_rows, batch_rows
+from device_agent.apply import BatchRows, apply_many, apply_rows, batch_rows
 from device_agent.migrations import create_and_upgrade
 from device_agent.transaction import Writer
 from device_agent.views import (
@@ -243,19 +243,29 @@ class OfflineStore(AsyncClosable):
             return await apply_rows(tx, self._views, rows)
 
     async def apply_group(self, batches: Sequence[BatchRows]) -> list[Outcome]:
-        """Apply ``batches`` in order in ONE transaction, each in a savepoint of its own;
-        their outcomes, once the transaction committed (durable: ``synchronous=FULL``).
+        """Apply ``batches`` in order in ONE transaction; their outcomes, once it committed
+        (durable: ``synchronous=FULL``).
 
-        A batch that raises anything but a SQLite error is rolled back alone and its
+        First all at once, their statements merged (``apply_many``). When that fails, the
+        transaction is rolled back and the group applied again with a savepoint per batch:
+        a batch that raises anything but a SQLite error is rolled back alone, and its
         outcome is the error; the others still apply. A SQLite error (disk full, the app
-        holding the write lock) stops the group before that batch: the outcomes then
-        cover only the batches before it, and when it is the first one, the error is
-        raised with nothing applied. A batch is never applied after a later one.
+        holding the write lock) stops the group before that batch: the outcomes then cover
+        only the batches before it, and when it is the first one, the error is raised with
+        nothing applied. A batch is never applied after a later one.
 
         Example::
 
             outcomes = await store.apply_group([batch_rows(b) for b in batches])
         """
+        try:
+            async with self._writer.transaction() as tx:
+                return list(await apply_many(tx, self._views, batches))
+        except Exception as error:  # rare: the careful path finds which batch it was
+            log.warning(
+                "group rolled back; applying it one savepoint per batch",
+                extra={"batches": len(batches), "error": repr(error)},
+            )
         outcomes: list[Outcome] = []
         async with self._writer.transaction() as tx:
             for rows in batches:

@@ -41,6 +41,7 @@ __all__ = [
     "prune",
     "query",
     "record_batch",
+    "record_batches",
     "set_members",
     "state",
     "timestamp",
@@ -165,6 +166,14 @@ async def record_batch(db: aiosqlite.Connection, batch_id: str, job_id: str) -> 
         (batch_id, job_id),
     )
     return cursor.rowcount == 1
+
+
+async def record_batches(db: aiosqlite.Connection, batches: Sequence[tuple[str, str]]) -> None:
+    """Record batches (batch id, job id) known not to be recorded yet."""
+    if batches:
+        await db.executemany(
+            "INSERT INTO applied_batches (batch_id, job_id) VALUES (?, ?)", batches
+        )
 
 
 async def upsert_objects(db: aiosqlite.Connection, rows: Sequence[UpsertRow]) -> None:
