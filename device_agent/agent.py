@@ -29,7 +29,7 @@ from broker.errors import ProgramError
 from broker.health import operations_endpoint
 from broker.settle import Reject, Settlement, settle
 from broker.topology import device_queue_name, existing_queue
-from broker.wire import ReadBatch, ReadResync, WireError, decode_batch, quoted
+from broker.wire import ReadResync, WireError, decode_batch, quoted
 from device_agent.apply import BatchRows, batch_rows
 from device_agent.metrics import (
     BATCH_APPLY_SECONDS,
@@ -41,11 +41,22 @@ from device_agent.metrics import (
 from device_agent.settings import AgentSettings
 from device_agent.store import OfflineStore, Outcome
 
-__all__ = ["DeviceAgent", "device_queue", "open_store", "run_agent"]
+__all__ = ["AppliedBatch", "DeviceAgent", "OnApplied", "device_queue", "open_store", "run_agent"]
 
 log = logging.getLogger(__name__)
 
-OnApplied = Callable[[ReadBatch], None]
+
+@dataclass(frozen=True, slots=True)
+class AppliedBatch:
+    """What ``on_applied`` learns of a batch once it is committed."""
+
+    batch_id: str
+    job_id: str
+    device_id: str
+    changes: int
+
+
+OnApplied = Callable[[AppliedBatch], None]
 # A batch that cannot be applied is rejected at once (one attempt): the device queue
 # dead-letters it, and the worker marks the device for a full resync.
 _SETTLEMENT = Settlement(what="batch", attempts=1)
@@ -210,7 +221,7 @@ class DeviceAgent:
             batch = await self._parse(message)
             if batch is not None:
                 group.append(batch)
-                changes += len(batch.read.changes)
+                changes += batch.applied.changes
             if (
                 len(group) >= self._settings.group_batches
                 or changes >= self._settings.group_changes
@@ -223,8 +234,7 @@ class DeviceAgent:
                 return  # the channel is gone: the broker redelivers the whole rest
             done, group = group[: len(outcomes)], group[len(outcomes) :]
             BATCHES_PER_COMMIT.observe(len(outcomes))
-            for batch, outcome in zip(done, outcomes, strict=True):
-                await self._settle(batch, outcome, started, len(done))
+            await self._settle(list(zip(done, outcomes, strict=True)), started)
 
     async def _apply(self, group: list[_Batch]) -> list[Outcome] | None:
         """Apply ``group`` (or the front of it: see ``OfflineStore.apply_group``), waiting
@@ -237,27 +247,41 @@ class DeviceAgent:
             group[0].message,
             partial(self._store.apply_group, [batch.rows for batch in group]),
             transient=(sqlite3.Error,),
-            what=f"batch {group[0].read.batch_id}",
+            what=f"batch {group[0].applied.batch_id}",
         )
 
-    async def _settle(self, batch: _Batch, outcome: Outcome, started: float, group: int) -> None:
-        read = batch.read
-        if isinstance(outcome, Exception):
-            # A bug or a value SQLite cannot store: requeueing would loop forever.
-            record_dropped("unappliable")
-            await settle(batch.message, _SETTLEMENT, outcome)
-            log.error(
-                "batch dropped: cannot be applied",
-                extra={"device_id": read.device_id, "batch_id": read.batch_id},
-            )
+    async def _settle(self, settled: list[tuple[_Batch, Outcome]], started: float) -> None:
+        """Settle the batches of one commit: those that failed one by one, then the others
+        with one ack, which covers them all (every delivery before them is settled)."""
+        applied: list[tuple[_Batch, bool]] = []
+        for batch, outcome in settled:
+            if isinstance(outcome, Exception):
+                # A bug or a value SQLite cannot store: requeueing would loop forever.
+                record_dropped("unappliable")
+                await settle(batch.message, _SETTLEMENT, outcome)
+                log.error(
+                    "batch dropped: cannot be applied",
+                    extra={
+                        "device_id": batch.applied.device_id,
+                        "batch_id": batch.applied.batch_id,
+                    },
+                )
+            else:
+                applied.append((batch, outcome))
+        if not applied:
             return
-        await settle(batch.message, _SETTLEMENT)
+        await settle(applied[-1][0].message, _SETTLEMENT, earlier=True)
+        for batch, outcome in applied:
+            self._settled(batch, outcome, started, len(settled))
+
+    def _settled(self, batch: _Batch, outcome: bool, started: float, group: int) -> None:
+        read = batch.applied
         if outcome:
-            record_applied(len(read.changes))
+            record_applied(read.changes)
             BATCH_APPLY_SECONDS.observe(time.perf_counter() - started)
         else:
             BATCHES_SKIPPED.inc()
-        self._report_resync(read)
+        self._report_resync(batch.resyncs)
         if outcome and self._on_applied is not None:
             self._on_applied(read)
         log.info(
@@ -266,24 +290,23 @@ class DeviceAgent:
                 "job_id": read.job_id,
                 "device_id": read.device_id,
                 "batch_id": read.batch_id,
-                "changes": len(read.changes),
+                "changes": read.changes,
                 "group": group,
                 "ms": (time.perf_counter() - started) * 1000,
             },
         )
 
-    def _report_resync(self, batch: ReadBatch) -> None:
-        for change in batch.changes:
-            if isinstance(change, ReadResync):
-                # The store holds the flag for the app; this is for whoever runs the device.
-                log.warning(
-                    "device needs a full resync",
-                    extra={
-                        "device_id": self._settings.device_id,
-                        "reason": change.reason,
-                        "since": change.since.isoformat(),
-                    },
-                )
+    def _report_resync(self, resyncs: tuple[ReadResync, ...]) -> None:
+        for change in resyncs:
+            # The store holds the flag for the app; this is for whoever runs the device.
+            log.warning(
+                "device needs a full resync",
+                extra={
+                    "device_id": self._settings.device_id,
+                    "reason": change.reason,
+                    "since": change.since.isoformat(),
+                },
+            )
 
     async def _parse(self, message: AbstractIncomingMessage) -> _Batch | None:
         """The batch, or ``None`` once a batch this device cannot take was rejected."""
@@ -313,13 +336,20 @@ class DeviceAgent:
                 },
             )
             return None
-        return _Batch(message, batch, batch_rows(batch))
+        # Only the rows and what the logs need are kept: the decoded changes are let go.
+        return _Batch(
+            message,
+            AppliedBatch(batch.batch_id, batch.job_id, batch.device_id, len(batch.changes)),
+            tuple(c for c in batch.changes if isinstance(c, ReadResync)),
+            batch_rows(batch),
+        )
 
 
 @dataclass(frozen=True, slots=True)
 class _Batch:
     message: AbstractIncomingMessage
-    read: ReadBatch
+    applied: AppliedBatch
+    resyncs: tuple[ReadResync, ...]
     rows: BatchRows
 
 

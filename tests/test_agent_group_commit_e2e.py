@@ -73,6 +73,12 @@ def _app_holds_the_write_lock(path: Path) -> Iterator[None]:
             db.execute("ROLLBACK")
 
 
+async def _in_hand() -> None:
+    """The broker sent every batch; give the agent (waiting for SQLite) a moment to read
+    them off its socket, so they are in hand when the app lets go of the lock."""
+    await asyncio.sleep(1.0)
+
+
 def _commits() -> tuple[float, float]:
     """(commits, batches settled by them) so far, from the agents' metrics (in process)."""
     count = REGISTRY.get_sample_value("sync_batches_per_commit_count")
@@ -122,6 +128,7 @@ async def test_delivered_batches_are_acked_only_after_their_group_committed(
     with _app_holds_the_write_lock(device.db_path):
         stop, task = _run(agent)
         await wait_for(lambda: _no_batch_ready(plain, device))
+        await _in_hand()
     try:
         await device.store.wait_for_batches([b.batch_id for b in batches], timeout=15)
     finally:
@@ -165,6 +172,7 @@ async def test_a_poison_batch_in_a_group_is_dead_lettered_and_its_neighbours_app
     with _app_holds_the_write_lock(device.db_path):
         await _publish(amqp, device, bodies)
         await wait_for(lambda: _no_batch_ready(plain, device))
+        await _in_hand()
     try:
         await device.store.wait_for_batches([b.batch_id for b in good], timeout=15)
     finally:
