@@ -228,13 +228,17 @@ _ENCODER = msgspec.json.Encoder()
 
 def _takes(batch: ReadBatch, body: bytes) -> bool:
     """Whether ``decode`` would read ``body`` as ``batch`` (see above)."""
-    entities = {change.entity for change in batch.changes if not isinstance(change, ReadResync)}
+    entities: set[str] = set()
+    own = 2  # the batch's own brackets: the envelope and its list of changes
+    for change in batch.changes:
+        if isinstance(change, ReadResync):
+            own += 1
+        else:
+            entities.add(change.entity)
+            # the change, and the data of an upsert or the changes of an overlay
+            own += 1 if isinstance(change, ReadRemove) else 2
     if not all(_ENTITY_NAME.fullmatch(entity) for entity in entities):
         return False
-    # The batch's own brackets: the envelope, the list of changes, each change, and the
-    # data of each upsert and overlay.
-    own = 2 + len(batch.changes)
-    own += sum(isinstance(change, ReadUpsert | ReadOverlay) for change in batch.changes)
     if body.count(b"[") + body.count(b"{") - own > _MAX_VALUE_BRACKETS:
         return False
     return _ENCODER.encode(batch) == body

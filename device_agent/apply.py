@@ -17,11 +17,11 @@ from typing import Any
 import aiosqlite
 import msgspec
 
-from broker.wire import ReadBatch, ReadOverlay, ReadRemove, ReadResync, ReadUpsert
+from broker.wire import ReadBatch, ReadOverlay, ReadRemove, ReadUpsert
 from device_agent import tables
 from device_agent.tables import ObjectKey, TombstoneRow, UpsertRow
 from device_agent.transaction import Transaction
-from device_agent.views import ViewCatalog, members_by_entity
+from device_agent.views import ViewCatalog
 
 __all__ = ["BatchRows", "apply_many", "apply_rows", "batch_rows"]
 
@@ -44,36 +44,28 @@ class BatchRows:
 
 
 def batch_rows(batch: ReadBatch, encode: Encode = _ENCODER.encode) -> BatchRows:
-    """The rows of ``batch``. ``encode`` writes ``data`` as JSON: msgspec's by default (a
-    batch read off the wire holds no NaN); ``tables.to_json`` for batches built in Python,
-    so NaN and Infinity are refused with ``ValueError``.
+    """The rows of ``batch``, in one pass over its changes. ``encode`` writes ``data`` as
+    JSON: msgspec's by default (a batch read off the wire holds no NaN); ``tables.to_json``
+    for batches built in Python, so NaN and Infinity are refused with ``ValueError``.
     """
-    upserts = [c for c in batch.changes if isinstance(c, ReadUpsert)]
-    removes = [c for c in batch.changes if isinstance(c, ReadRemove)]
-    return BatchRows(
-        batch.batch_id,
-        batch.job_id,
-        members_by_entity(upserts),
-        [(c.entity, c.id, c.version, encode(c.data)) for c in upserts],
-        [(c.entity, c.id) for c in removes],
-        [
-            (
-                c.entity,
-                c.id,
-                None if isinstance(c.version, msgspec.UnsetType) else c.version,
-                c.reason,
+    rows = BatchRows(batch.batch_id, batch.job_id, {}, [], [], [], [], [])
+    for change in batch.changes:
+        if isinstance(change, ReadUpsert):
+            rows.upserts.append((change.entity, change.id, change.version, encode(change.data)))
+            rows.members.setdefault(change.entity, set()).update(change.data)
+        elif isinstance(change, ReadRemove):
+            rows.removed.append((change.entity, change.id))
+            if change.reason != "no-access":
+                version = None if isinstance(change.version, msgspec.UnsetType) else change.version
+                rows.tombstones.append((change.entity, change.id, version, change.reason))
+        elif isinstance(change, ReadOverlay):
+            rows.overlays.extend(
+                (change.entity, change.id, member, tables.to_json(value))
+                for member, value in change.changes.items()
             )
-            for c in removes
-            if c.reason != "no-access"
-        ],
-        [
-            (c.entity, c.id, member, tables.to_json(value))
-            for c in batch.changes
-            if isinstance(c, ReadOverlay)
-            for member, value in c.changes.items()
-        ],
-        [(c.reason, c.since) for c in batch.changes if isinstance(c, ReadResync)],
-    )
+        else:
+            rows.resyncs.append((change.reason, change.since))
+    return rows
 
 
 async def apply_rows(tx: Transaction, views: ViewCatalog, rows: BatchRows) -> bool:

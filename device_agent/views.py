@@ -16,7 +16,6 @@ from functools import partial
 import aiosqlite
 
 from broker.models import ENTITY_NAME_PATTERN, MEMBER_NAME_PATTERN
-from broker.wire import ReadUpsert
 from device_agent.transaction import Transaction
 
 __all__ = [
@@ -26,7 +25,6 @@ __all__ = [
     "ViewCatalog",
     "check_name",
     "json_path",
-    "members_by_entity",
     "quoted",
     "valid_members",
     "view_sql",
@@ -61,14 +59,6 @@ def valid_members(entity: str, names: Iterable[str]) -> frozenset[str]:
             extra={"entity": entity, "members": skipped},
         )
     return valid
-
-
-def members_by_entity(upserts: Iterable[ReadUpsert]) -> dict[str, set[str]]:
-    """One pass over a batch's upserts: the members each entity brings."""
-    seen: dict[str, set[str]] = {}
-    for upsert in upserts:
-        seen.setdefault(upsert.entity, set()).update(upsert.data)
-    return seen
 
 
 def quoted(name: str) -> str:
