@@ -488,7 +488,9 @@ def _report(
     small_count: int,
 ) -> None:
     store = rates[STORE]
-    prefetch = AgentSettings.model_fields["prefetch"].default
+    fields = AgentSettings.model_fields
+    prefetch = fields["prefetch"].default
+    group = (fields["group_batches"].default, fields["group_changes"].default)
     rows = [
         ("store apply_batch (SQLite, in process)", store, "objects/s", 0),
         ("raw sqlite3 executemany, same pragmas", rates[RAW], "objects/s", 0),
@@ -515,7 +517,8 @@ def _report(
     for label, values, unit, digits in rows:
         print(_row(label, values, unit, digits))
     print(
-        f"(median, min and max of {len(store)} runs; the agent runs with prefetch {prefetch}; "
+        f"(median, min and max of {len(store)} runs; the agent runs with prefetch {prefetch}, "
+        f"groups of up to {group[0]} batches or {group[1]:,} changes per commit; "
         "every figure includes SQLite fsyncs)"
     )
 
