@@ -8,7 +8,9 @@
    ``sqlite3`` ``executemany`` of an ``INSERT ... ON CONFLICT DO UPDATE`` into an
    equivalent table, one transaction per batch, same pragmas (WAL, synchronous=FULL), in a
    thread; a second raw figure encodes the JSON inside the timed loop, as the store must.
-   No broker, no PostgreSQL.
+   Two more start from the batches' bodies (as the worker encodes them), one transaction
+   per batch: the agent's path (``decode_batch``, then ``OfflineStore.apply_group``) and
+   the pydantic one (``decode``, then ``apply_batch``). No broker, no PostgreSQL.
 2. End to end with the agent as a separate process (``python -m device_agent``): one list
    job naming every seeded work order, an in-process worker publishing batches of
    ``--batch-size``. Online: the agent is connected first; objects/s from publish until
@@ -17,6 +19,10 @@
    so every batch waits in the device queue; then the agent starts, and objects/s from
    its connecting until the last batch is applied (the agent's own pace, not the
    worker's) and its peak RSS.
+3. Small batches: ``--small-batches`` one-object batches, encoded as the worker does and
+   published straight to the device queue while the agent is offline; then the agent
+   starts, and batches/s from its connecting until the last one is applied. One SQLite
+   commit (an fsync) per batch bounds this unless batches share a commit.
 
 Medians of ``--runs`` runs. Seeds ``work_order`` in the local PostgreSQL (truncating it,
 as ``bench.pipeline`` does) and owns the local services while it runs.
@@ -49,9 +55,14 @@ from bench.rig import MODEL, USER, accounts, seed_work_orders, service_env
 from broker import ObjectList, Session, SyncClient
 from broker.connection import connect, open_channel
 from broker.models import ChangeBatch, SyncResult, UpsertChange
+from broker.publishing import json_message, publish_confirmed
+from broker.topology import CHANGES_EXCHANGE
+from broker.wire import decode, decode_batch
 from device_agent import AgentSettings, OfflineStore
+from device_agent.apply import batch_rows
 from syncctl.devices import register_device, unregister_device
 from worker import Worker, WorkerSettings, load_model
+from worker.publisher import encode_batch
 
 ENTITY = "WorkOrder"
 # What the e2e rows hold besides what bench.pipeline seeds, so both parts carry the
@@ -77,6 +88,7 @@ ON CONFLICT (entity, id) DO UPDATE
     WHERE excluded.version >= objects.version
 """
 TIMEOUT = 600.0
+SMALL_BATCHES = 2_000
 
 RawRow = tuple[str, int, int, str]
 
@@ -163,7 +175,25 @@ def _raw_pass(path: Path, batches: list[ChangeBatch], chunks: list[list[RawRow]]
     return elapsed
 
 
+async def _body_pass(path: Path, bodies: list[bytes], reader: str) -> float:
+    """Seconds to decode and apply ``bodies``, one transaction each, the agent's way
+    (``reader`` "agent") or through pydantic models ("models")."""
+    store = await OfflineStore.open(path)
+    try:
+        started = time.perf_counter()
+        for body in bodies:
+            if reader == "agent":
+                assert await store.apply_group([batch_rows(decode_batch(body))]) == [True]
+            else:
+                assert await store.apply_batch(decode(ChangeBatch, body))
+        elapsed = time.perf_counter() - started
+    finally:
+        await store.close()
+    return elapsed
+
+
 STORE, RAW, RAW_JSON = "store", "raw", "raw+json"
+AGENT_PATH, MODEL_PATH = "body: agent", "body: models"
 
 
 async def apply_rates(objects: int, batch_size: int, runs: int) -> dict[str, list[float]]:
@@ -172,7 +202,14 @@ async def apply_rates(objects: int, batch_size: int, runs: int) -> dict[str, lis
     _progress(f"building {objects:,} upserts in batches of {batch_size:,}")
     batches = _batches(objects, batch_size)
     chunks = _raw_rows(batches)
-    rates: dict[str, list[float]] = {STORE: [], RAW: [], RAW_JSON: []}
+    bodies = [encode_batch(batch.job_id, batch.device_id, batch.changes).body for batch in batches]
+    rates: dict[str, list[float]] = {
+        STORE: [],
+        RAW: [],
+        RAW_JSON: [],
+        AGENT_PATH: [],
+        MODEL_PATH: [],
+    }
     folder = Path(tempfile.mkdtemp(prefix="bench-agent-"))
     try:
         # Runs take turns, so drift on a shared machine spreads over all three.
@@ -184,9 +221,14 @@ async def apply_rates(objects: int, batch_size: int, runs: int) -> dict[str, lis
                 rates[name].append(
                     objects / await asyncio.to_thread(_raw_pass, path, batches, given)
                 )
+            for name, reader in ((AGENT_PATH, "agent"), (MODEL_PATH, "models")):
+                path = folder / f"{reader}-{run}.sqlite"
+                rates[name].append(objects / await _body_pass(path, bodies, reader))
             _progress(
                 f"run {run}/{runs}: objects/s store {rates[STORE][-1]:,.0f}, "
-                f"raw {rates[RAW][-1]:,.0f}, raw+json {rates[RAW_JSON][-1]:,.0f}"
+                f"raw {rates[RAW][-1]:,.0f}, raw+json {rates[RAW_JSON][-1]:,.0f}, "
+                f"from the body: agent {rates[AGENT_PATH][-1]:,.0f}, "
+                f"models {rates[MODEL_PATH][-1]:,.0f}"
             )
     finally:
         shutil.rmtree(folder)
@@ -381,6 +423,52 @@ async def agent_runs(
     return online, backlog
 
 
+# 3. A backlog of one-object batches.
+
+
+async def _small_backlog(env: dict[str, str], count: int) -> float:
+    """Batches/s of an agent process draining ``count`` one-object batches."""
+    async with _device(env) as (device_id, folder):
+        job_id = uuid.uuid4().hex
+        bodies = [
+            encode_batch(
+                job_id,
+                device_id,
+                (UpsertChange(entity=ENTITY, id=n, version=n, data=_work_order(n)),),
+            )
+            for n in range(1, count + 1)
+        ]
+        connection = await connect(env["SYNC_AMQP_URL"], "bench-agent-small")
+        try:
+            channel = await open_channel(connection)
+            exchange = await channel.get_exchange(CHANGES_EXCHANGE.name)
+            messages = [json_message(b.body, message_id=b.batch_id) for b in bodies]
+            await publish_confirmed(
+                exchange, messages, routing_key=device_id, timeout=TIMEOUT, window=256
+            )
+        finally:
+            await connection.close()
+        async with (
+            await OfflineStore.open(folder / "device.sqlite") as store,
+            _agent(env, device_id, folder),
+        ):
+            started = time.perf_counter()
+            await store.wait_for_batches(
+                [b.batch_id for b in bodies], timeout=TIMEOUT, interval=0.01
+            )
+            drained = time.perf_counter() - started
+            assert len(await store.ids(ENTITY)) == count
+    return count / drained
+
+
+async def small_backlog_runs(env: dict[str, str], count: int, runs: int) -> list[float]:
+    rates: list[float] = []
+    for run in range(1, runs + 1):
+        rates.append(await _small_backlog(env, count))
+        _progress(f"run {run}/{runs}: {count:,} one-object batches, {rates[-1]:,.0f} batches/s")
+    return rates
+
+
 # Report.
 
 
@@ -396,13 +484,19 @@ def _report(
     rates: dict[str, list[float]],
     online: list[OnlineRun],
     backlog: list[BacklogRun],
+    small: list[float],
+    small_count: int,
 ) -> None:
     store = rates[STORE]
-    prefetch = AgentSettings.model_fields["prefetch"].default
+    fields = AgentSettings.model_fields
+    prefetch = fields["prefetch"].default
+    group = (fields["group_batches"].default, fields["group_changes"].default)
     rows = [
         ("store apply_batch (SQLite, in process)", store, "objects/s", 0),
         ("raw sqlite3 executemany, same pragmas", rates[RAW], "objects/s", 0),
         ("raw sqlite3, JSON encoded in the loop", rates[RAW_JSON], "objects/s", 0),
+        ("body -> applied: decode_batch + apply_group", rates[AGENT_PATH], "objects/s", 0),
+        ("body -> applied: decode (pydantic) + apply_batch", rates[MODEL_PATH], "objects/s", 0),
         *(
             (f"store / {name}", [s / r for s, r in zip(store, rates[name], strict=True)], "", 2)
             for name in (RAW, RAW_JSON)
@@ -416,27 +510,46 @@ def _report(
         ("  agent RSS at the end", [r.end_rss for r in online], "MB", 1),
         ("backlog: agent connected -> last applied", [r.rate for r in backlog], "objects/s", 0),
         ("  agent peak RSS (VmHWM)", [r.peak_rss for r in backlog], "MB", 1),
+        (f"backlog of {small_count:,} one-object batches", small, "batches/s", 0),
     ]
     print(f"\ndevice side, {objects:,} WorkOrder objects, batches of {batch_size:,}")
     print(f"{'figure':<46} {'median':>10} {'min':>10} {'max':>10}")
     for label, values, unit, digits in rows:
         print(_row(label, values, unit, digits))
     print(
-        f"(median, min and max of {len(store)} runs; the agent runs with prefetch {prefetch}; "
+        f"(median, min and max of {len(store)} runs; the agent runs with prefetch {prefetch}, "
+        f"groups of up to {group[0]} batches or {group[1]:,} changes per commit; "
         "every figure includes SQLite fsyncs)"
     )
 
 
 async def device_side(
-    env: dict[str, str], *, objects: int = 100_000, batch_size: int = 500, runs: int = 3
+    env: dict[str, str],
+    *,
+    objects: int = 100_000,
+    batch_size: int = 500,
+    runs: int = 3,
+    small_batches: int = SMALL_BATCHES,
 ) -> list[Figure]:
-    """The suite's figures: store apply rate, the agent draining a backlog, its memory."""
+    """The suite's figures: store apply rate, the agent draining backlogs, its memory."""
     rates = await apply_rates(objects, batch_size, runs)
     online, backlog = await agent_runs(env, objects, batch_size, runs)
+    small = await small_backlog_runs(env, small_batches, runs)
     job = f"{objects:,}-object job, batches of {batch_size}"
     return [
         Figure("agent: store apply_batch (in process)", "objects/s", tuple(rates[STORE])),
+        Figure(
+            "agent: batch body decoded and applied (in process)",
+            "objects/s",
+            tuple(rates[AGENT_PATH]),
+        ),
         Figure("agent process: draining a backlog", "objects/s", tuple(r.rate for r in backlog)),
+        Figure(
+            "agent process: draining a backlog of one-object batches",
+            "batches/s",
+            tuple(small),
+            note=f"{small_batches:,} batches",
+        ),
         Figure(
             "agent process: peak RSS",
             "MB",
@@ -448,11 +561,12 @@ async def device_side(
     ]
 
 
-async def main(objects: int, batch_size: int, runs: int) -> None:
+async def main(objects: int, batch_size: int, runs: int, small_batches: int) -> None:
     env = service_env()
     rates = await apply_rates(objects, batch_size, runs)
     online, backlog = await agent_runs(env, objects, batch_size, runs)
-    _report(objects, batch_size, rates, online, backlog)
+    small = await small_backlog_runs(env, small_batches, runs)
+    _report(objects, batch_size, rates, online, backlog, small, small_batches)
 
 
 if __name__ == "__main__":
@@ -462,5 +576,6 @@ if __name__ == "__main__":
         "--batch-size", type=int, default=WorkerSettings.model_fields["batch_size"].default
     )
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--small-batches", type=int, default=SMALL_BATCHES)
     args = parser.parse_args()
-    asyncio.run(main(args.objects, args.batch_size, args.runs))
+    asyncio.run(main(args.objects, args.batch_size, args.runs, args.small_batches))

@@ -25,10 +25,10 @@ from pathlib import Path
 import asyncpg
 
 from bench.report import progress
-from broker import ChangeBatch, ObjectRef, Session, SyncClient
+from broker import ObjectRef, Session, SyncClient
 from broker.connection import connect, open_channel
 from broker.topology import JOBS_QUEUE, declare_topology
-from device_agent import AgentSettings, DeviceAgent, OfflineStore
+from device_agent import AgentSettings, AppliedBatch, DeviceAgent, OfflineStore
 from syncctl.accounts import BrokerAccounts
 from syncctl.devices import register_device, unregister_device
 from worker import load_model
@@ -197,7 +197,7 @@ class AppliedBatches:
         self.at: dict[str, float] = {}
         self._waits: dict[str, list[tuple[set[str], asyncio.Future[None]]]] = {}
 
-    def on_applied(self, batch: ChangeBatch) -> None:
+    def on_applied(self, batch: AppliedBatch) -> None:
         self.at[batch.batch_id] = time.perf_counter()
         for remaining, future in self._waits.pop(batch.batch_id, []):
             remaining.discard(batch.batch_id)
@@ -279,7 +279,7 @@ class Rig:
     last_applied: dict[str, float] = field(default_factory=dict)
     _waiters: dict[str, tuple[int, asyncio.Future[None]]] = field(default_factory=dict)
 
-    def on_applied(self, batch: ChangeBatch) -> None:
+    def on_applied(self, batch: AppliedBatch) -> None:
         """The agents' hook: called once per batch, after its SQLite commit."""
         self.applied[batch.job_id] += 1
         self.last_applied[batch.job_id] = time.perf_counter()

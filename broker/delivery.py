@@ -27,14 +27,15 @@ def delivery_count(message: AbstractIncomingMessage) -> int:
     return count if isinstance(count, int) else 0
 
 
-async def ack(message: AbstractIncomingMessage) -> bool:
-    """Ack ``message``; ``False`` when the channel is gone and the broker will redeliver it.
+async def ack(message: AbstractIncomingMessage, *, multiple: bool = False) -> bool:
+    """Ack ``message`` (with ``multiple``, every unsettled delivery of its channel up to it
+    as well); ``False`` when the channel is gone and the broker will redeliver it.
 
     Callers make a redelivery harmless (the agent records batch ids, a job is read again),
     so a lost ack is logged, not raised.
     """
     try:
-        await message.ack()
+        await message.ack(multiple=multiple)
     except CHANNEL_GONE as error:
         log.warning(
             "ack lost; the broker redelivers",

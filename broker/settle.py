@@ -92,6 +92,7 @@ async def settle(
     error: BaseException | None = None,
     *,
     answer: Answer = _no_answer,
+    earlier: bool = False,
 ) -> str | None:
     """Settle ``message`` after its handler returned (``error`` is ``None``) or raised.
 
@@ -100,10 +101,14 @@ async def settle(
     the ack means a process that dies in between leaves the message to be redelivered
     (and answered again), never acked and unanswered. Returns the rejection's reason, or
     ``None``.
+
+    ``earlier=True``, on success: the ack covers every delivery of the channel before
+    ``message`` not settled yet (one frame for a group a consumer handled in delivery
+    order; it must have settled those that failed first).
     """
     if error is None:
         await answer(None)
-        await ack(message)
+        await ack(message, multiple=earlier)
         return None
     if isinstance(error, Reject):
         return await _reject(message, policy, error.reason, answer)

@@ -1,7 +1,10 @@
-"""The device agent: consumes ``device.<id>`` and applies each batch in one transaction.
+"""The device agent: consumes ``device.<id>`` and applies its batches, in delivery order.
 
-Ack policy: a batch is acked only after its SQLite transaction committed. A batch that is
-not valid for this device is logged and dropped (not requeued), so it cannot loop.
+Group commit: the batches already delivered (up to ``group_batches`` and about
+``group_changes`` changes) are applied in ONE SQLite transaction, each in a savepoint of
+its own, so one fsync makes them all durable. Ack policy: a batch is acked only after
+that commit. A batch that is not valid for this device, or that the store cannot apply,
+is logged and dropped (not requeued), so it cannot loop; its neighbours still apply.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Coroutine
 from contextlib import suppress
+from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
@@ -23,24 +27,36 @@ from broker.connection import connect, open_channel
 from broker.delivery import retry_while_held
 from broker.errors import ProgramError
 from broker.health import operations_endpoint
-from broker.models import ChangeBatch, ResyncChange
 from broker.settle import Reject, Settlement, settle
 from broker.topology import device_queue_name, existing_queue
-from broker.wire import WireError, decode, quoted
+from broker.wire import ReadResync, WireError, decode_batch, quoted
+from device_agent.apply import BatchRows, batch_rows
 from device_agent.metrics import (
     BATCH_APPLY_SECONDS,
+    BATCHES_PER_COMMIT,
     BATCHES_SKIPPED,
     record_applied,
     record_dropped,
 )
 from device_agent.settings import AgentSettings
-from device_agent.store import OfflineStore
+from device_agent.store import OfflineStore, Outcome
 
-__all__ = ["DeviceAgent", "device_queue", "open_store", "run_agent"]
+__all__ = ["AppliedBatch", "DeviceAgent", "OnApplied", "device_queue", "open_store", "run_agent"]
 
 log = logging.getLogger(__name__)
 
-OnApplied = Callable[[ChangeBatch], None]
+
+@dataclass(frozen=True, slots=True)
+class AppliedBatch:
+    """What ``on_applied`` learns of a batch once it is committed."""
+
+    batch_id: str
+    job_id: str
+    device_id: str
+    changes: int
+
+
+OnApplied = Callable[[AppliedBatch], None]
 # A batch that cannot be applied is rejected at once (one attempt): the device queue
 # dead-letters it, and the worker marks the device for a full resync.
 _SETTLEMENT = Settlement(what="batch", attempts=1)
@@ -173,92 +189,129 @@ class DeviceAgent:
     async def run(self, stop: asyncio.Event) -> None:
         """Apply batches in delivery order until ``stop`` is set, then close.
 
-        A batch in hand when ``stop`` is set gets ``shutdown_grace`` seconds to finish;
+        The group in hand when ``stop`` is set gets ``shutdown_grace`` seconds to finish;
         past that (say, SQLite keeps failing) it is let go unacked, and the broker hands
         it over again when the agent is back. Nothing is lost.
         """
+        delivered = _Delivered()
         try:
-            async with self._queue.iterator() as batches:
-                while not stop.is_set():
-                    message = await _unless_stopped(anext(batches), stop)
-                    if message is None:
-                        break
-                    await _unless_stopped(
-                        self.on_message(message), stop, grace=self._settings.shutdown_grace
-                    )
+            await self._queue.consume(delivered.put)
+            while not stop.is_set():
+                first = await _unless_stopped(delivered.get(), stop)
+                if first is None:
+                    break
+                await _unless_stopped(
+                    self._apply_delivered(first, delivered),
+                    stop,
+                    grace=self._settings.shutdown_grace,
+                )
         finally:
+            # Batches still in ``delivered`` were never acked: the broker redelivers them.
             await self._connection.close()
             await self._store.close()
             log.info("agent stopped", extra={"device_id": self._settings.device_id})
 
-    async def on_message(self, message: AbstractIncomingMessage) -> None:
+    async def _apply_delivered(self, first: AbstractIncomingMessage, delivered: _Delivered) -> None:
+        """``first`` and the batches delivered behind it, up to the group's bounds."""
         started = time.perf_counter()
-        batch = await self._parse(message)
-        if batch is None:
-            return
-        applied = await self._apply(message, batch)
-        if applied is None:
-            return
-        await settle(message, _SETTLEMENT)
-        if applied:
-            record_applied(len(batch.changes))
-            BATCH_APPLY_SECONDS.observe(time.perf_counter() - started)
-        else:
-            BATCHES_SKIPPED.inc()
-        self._report_resync(batch)
-        if applied and self._on_applied is not None:
-            self._on_applied(batch)
-        log.info(
-            "batch applied" if applied else "batch skipped: applied before",
-            extra={
-                "job_id": batch.job_id,
-                "device_id": batch.device_id,
-                "batch_id": batch.batch_id,
-                "changes": len(batch.changes),
-                "ms": (time.perf_counter() - started) * 1000,
-            },
-        )
+        group: list[_Batch] = []
+        changes = 0
+        message: AbstractIncomingMessage | None = first
+        while message is not None:
+            batch = await self._parse(message)
+            if batch is not None:
+                group.append(batch)
+                changes += batch.applied.changes
+            if (
+                len(group) >= self._settings.group_batches
+                or changes >= self._settings.group_changes
+            ):
+                break
+            message = delivered.get_nowait()
+        while group:
+            outcomes = await self._apply(group)
+            if outcomes is None:
+                return  # the channel is gone: the broker redelivers the whole rest
+            done, group = group[: len(outcomes)], group[len(outcomes) :]
+            BATCHES_PER_COMMIT.observe(len(outcomes))
+            await self._settle(list(zip(done, outcomes, strict=True)), started)
 
-    async def _apply(self, message: AbstractIncomingMessage, batch: ChangeBatch) -> bool | None:
-        """Apply ``batch``, retrying SQLite errors in place; ``None`` when it was let go.
+    async def _apply(self, group: list[_Batch]) -> list[Outcome] | None:
+        """Apply ``group`` (or the front of it: see ``OfflineStore.apply_group``), waiting
+        out SQLite errors of its first batch in place; ``None`` when it was let go.
 
         A requeued batch would be applied behind those fetched after it and could undo
         them, so SQLite errors (disk full, the app holding a write lock) are waited out.
         """
-        try:
-            return await retry_while_held(
-                message,
-                partial(self._store.apply_batch, batch),
-                transient=(sqlite3.Error,),
-                what=f"batch {batch.batch_id}",
-            )
-        except Exception as error:
-            # A bug or a value SQLite cannot store: requeueing would loop forever.
-            record_dropped("unappliable")
-            await settle(message, _SETTLEMENT, error)
-            log.error(
-                "batch dropped: cannot be applied",
-                extra={"device_id": batch.device_id, "batch_id": batch.batch_id},
-            )
-            return None
+        return await retry_while_held(
+            group[0].message,
+            partial(self._store.apply_group, [batch.rows for batch in group]),
+            transient=(sqlite3.Error,),
+            what=f"batch {group[0].applied.batch_id}",
+        )
 
-    def _report_resync(self, batch: ChangeBatch) -> None:
-        for change in batch.changes:
-            if isinstance(change, ResyncChange):
-                # The store holds the flag for the app; this is for whoever runs the device.
-                log.warning(
-                    "device needs a full resync",
+    async def _settle(self, settled: list[tuple[_Batch, Outcome]], started: float) -> None:
+        """Settle the batches of one commit: those that failed one by one, then the others
+        with one ack, which covers them all (every delivery before them is settled)."""
+        applied: list[tuple[_Batch, bool]] = []
+        for batch, outcome in settled:
+            if isinstance(outcome, Exception):
+                # A bug or a value SQLite cannot store: requeueing would loop forever.
+                record_dropped("unappliable")
+                await settle(batch.message, _SETTLEMENT, outcome)
+                log.error(
+                    "batch dropped: cannot be applied",
                     extra={
-                        "device_id": self._settings.device_id,
-                        "reason": change.reason,
-                        "since": change.since.isoformat(),
+                        "device_id": batch.applied.device_id,
+                        "batch_id": batch.applied.batch_id,
                     },
                 )
+            else:
+                applied.append((batch, outcome))
+        if not applied:
+            return
+        await settle(applied[-1][0].message, _SETTLEMENT, earlier=True)
+        for batch, outcome in applied:
+            self._settled(batch, outcome, started, len(settled))
 
-    async def _parse(self, message: AbstractIncomingMessage) -> ChangeBatch | None:
+    def _settled(self, batch: _Batch, outcome: bool, started: float, group: int) -> None:
+        read = batch.applied
+        if outcome:
+            record_applied(read.changes)
+            BATCH_APPLY_SECONDS.observe(time.perf_counter() - started)
+        else:
+            BATCHES_SKIPPED.inc()
+        self._report_resync(batch.resyncs)
+        if outcome and self._on_applied is not None:
+            self._on_applied(read)
+        log.info(
+            "batch applied" if outcome else "batch skipped: applied before",
+            extra={
+                "job_id": read.job_id,
+                "device_id": read.device_id,
+                "batch_id": read.batch_id,
+                "changes": read.changes,
+                "group": group,
+                "ms": (time.perf_counter() - started) * 1000,
+            },
+        )
+
+    def _report_resync(self, resyncs: tuple[ReadResync, ...]) -> None:
+        for change in resyncs:
+            # The store holds the flag for the app; this is for whoever runs the device.
+            log.warning(
+                "device needs a full resync",
+                extra={
+                    "device_id": self._settings.device_id,
+                    "reason": change.reason,
+                    "since": change.since.isoformat(),
+                },
+            )
+
+    async def _parse(self, message: AbstractIncomingMessage) -> _Batch | None:
         """The batch, or ``None`` once a batch this device cannot take was rejected."""
         try:
-            batch = decode(ChangeBatch, message.body)
+            batch = decode_batch(message.body)
         except WireError as error:
             record_dropped("invalid")
             await settle(message, _SETTLEMENT, Reject(error.reason))
@@ -283,7 +336,41 @@ class DeviceAgent:
                 },
             )
             return None
-        return batch
+        # Only the rows and what the logs need are kept: the decoded changes are let go.
+        return _Batch(
+            message,
+            AppliedBatch(batch.batch_id, batch.job_id, batch.device_id, len(batch.changes)),
+            tuple(c for c in batch.changes if isinstance(c, ReadResync)),
+            batch_rows(batch),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Batch:
+    message: AbstractIncomingMessage
+    applied: AppliedBatch
+    resyncs: tuple[ReadResync, ...]
+    rows: BatchRows
+
+
+class _Delivered:
+    """The deliveries in hand (at most ``prefetch``), in delivery order."""
+
+    def __init__(self) -> None:
+        self._messages: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+
+    async def put(self, message: AbstractIncomingMessage) -> None:
+        self._messages.put_nowait(message)
+
+    async def get(self) -> AbstractIncomingMessage:
+        return await self._messages.get()
+
+    def get_nowait(self) -> AbstractIncomingMessage | None:
+        """The next delivery if one is in hand, else ``None`` (a group never waits)."""
+        try:
+            return self._messages.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
 
 
 async def run_agent(settings: AgentSettings, stop: asyncio.Event) -> None:

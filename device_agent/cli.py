@@ -19,6 +19,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--amqp-url", help="RabbitMQ URL (SYNC_AMQP_URL)")
     parser.add_argument("--prefetch", type=int, help="batches fetched ahead (SYNC_PREFETCH)")
     parser.add_argument(
+        "--group-batches",
+        type=int,
+        help="batches applied in one SQLite transaction, at most (SYNC_GROUP_BATCHES)",
+    )
+    parser.add_argument(
+        "--group-changes",
+        type=int,
+        help="changes a group stops growing at (SYNC_GROUP_CHANGES)",
+    )
+    parser.add_argument(
         "--metrics-port", type=int, help="serve /metrics, /healthz, /readyz (SYNC_METRICS_PORT)"
     )
     parser.add_argument(

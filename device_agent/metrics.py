@@ -21,6 +21,7 @@ from prometheus_client import Counter, Histogram
 __all__ = [
     "BATCHES_APPLIED",
     "BATCHES_DROPPED",
+    "BATCHES_PER_COMMIT",
     "BATCHES_SKIPPED",
     "BATCH_APPLY_SECONDS",
     "CHANGES_APPLIED",
@@ -47,8 +48,14 @@ BATCHES_DROPPED = Counter(
 )
 BATCH_APPLY_SECONDS = Histogram(
     "sync_batch_apply_seconds",
-    "Time to apply one change batch to the offline store.",
+    "Time to apply one change batch to the offline store: from the start of its group "
+    "until the commit that made it durable.",
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+BATCHES_PER_COMMIT = Histogram(
+    "sync_batches_per_commit",
+    "Change batches settled by one SQLite commit (group commit).",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
 CHANGES_APPLIED = Counter(
     "sync_changes_applied_total", "Object changes committed to the offline store."

@@ -16,8 +16,12 @@ __all__ = ["AgentSettings"]
 class AgentSettings(BrokerSettings):
     device_id: str = Field(pattern=DEVICE_ID_PATTERN)
     db_path: Path
-    # Batches fetched ahead while one is applied; applying stays one at a time, in order.
-    prefetch: int = Field(default=8, ge=1, le=1000)
+    # Batches the broker delivers ahead. Those in hand are applied as one group: one SQLite
+    # transaction (one fsync) for up to ``group_batches`` batches, or until the group holds
+    # ``group_changes`` changes; in delivery order, each acked once the group committed.
+    prefetch: int = Field(default=64, ge=1, le=1000)
+    group_batches: int = Field(default=64, ge=1, le=1000)
+    group_changes: int = Field(default=10_000, ge=1)
     # Applied batch ids and tombstones are kept this long, then pruned at start. It must
     # exceed the device queue's TTL (broker.topology.DEVICE_QUEUE_TTL_SECONDS, 30 days).
     prune_after_days: float = Field(default=35, gt=DEVICE_QUEUE_TTL_SECONDS / 86400)

@@ -11,10 +11,12 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterable, Mapping
+from functools import partial
 
 import aiosqlite
 
-from broker.models import ENTITY_NAME_PATTERN, MEMBER_NAME_PATTERN, UpsertChange
+from broker.models import ENTITY_NAME_PATTERN, MEMBER_NAME_PATTERN
+from device_agent.transaction import Transaction
 
 __all__ = [
     "ENTITY_NAME",
@@ -23,7 +25,6 @@ __all__ = [
     "ViewCatalog",
     "check_name",
     "json_path",
-    "members_by_entity",
     "quoted",
     "valid_members",
     "view_sql",
@@ -58,14 +59,6 @@ def valid_members(entity: str, names: Iterable[str]) -> frozenset[str]:
             extra={"entity": entity, "members": skipped},
         )
     return valid
-
-
-def members_by_entity(upserts: Iterable[UpsertChange]) -> dict[str, set[str]]:
-    """One pass over a batch's upserts: the members each entity brings."""
-    seen: dict[str, set[str]] = {}
-    for upsert in upserts:
-        seen.setdefault(upsert.entity, set()).update(upsert.data)
-    return seen
 
 
 def quoted(name: str) -> str:
@@ -109,33 +102,22 @@ class ViewCatalog:
     """The app-facing views and the entities and members they cover.
 
     Members per entity known to be in ``entity_members`` (and so in the views) are cached.
-    Members are never forgotten, so the cache only ever lags behind the database; what a
-    transaction adds waits in ``_pending`` until the store reports the commit.
+    Members are never forgotten, so the cache only ever lags behind the database. What a
+    transaction adds is kept in its ``memo`` (later batches of the same transaction see
+    it) and enters the cache as on-commit work: a rolled-back view change is gone.
     """
 
     def __init__(self, db: aiosqlite.Connection) -> None:
         self._db = db
         self._members: dict[str, frozenset[str]] = {}
-        self._pending: dict[str, frozenset[str]] = {}
 
-    def begin(self) -> None:
-        self._pending = {}
-
-    def committed(self) -> None:
-        # Only what committed may enter the cache: a rolled-back view change is gone.
-        self._members.update(self._pending)
-        self._pending = {}
-
-    def rolled_back(self) -> None:
-        self._pending = {}
-
-    async def discover(self, seen: Mapping[str, Iterable[str]]) -> None:
+    async def discover(self, tx: Transaction, seen: Mapping[str, Iterable[str]]) -> None:
         """Record the entities and members in ``seen`` not known yet and rebuild their
-        views, in the caller's transaction. Names that cannot be SQL identifiers are
-        skipped (their values stay in ``data``, readable with ``get()``)."""
+        views, in ``tx``. Names that cannot be SQL identifiers are skipped (their values
+        stay in ``data``, readable with ``get()``)."""
         for entity, names in sorted(seen.items()):
             members = valid_members(entity, names)
-            known = self._pending.get(entity, self._members.get(entity))
+            known = tx.memo.get(("view", entity), self._members.get(entity))
             if known is not None and members <= known:
                 continue
             if not ENTITY_NAME.fullmatch(entity):
@@ -152,7 +134,8 @@ class ViewCatalog:
                 [(entity, member) for member in sorted(members - stored)],
             )
             await self._rebuild_view(entity, stored | members)
-            self._pending[entity] = stored | members
+            tx.memo[("view", entity)] = stored | members
+            tx.on_commit(partial(self._members.__setitem__, entity, stored | members))
 
     async def _rebuild_view(self, entity: str, members: frozenset[str]) -> None:
         if not await self._view_name_free(entity):
@@ -197,7 +180,7 @@ class ViewCatalog:
                 members.setdefault(entity, set()).add(member)
         self._members = {entity: frozenset(names) for entity, names in members.items()}
 
-    async def rebuild_from_objects(self) -> None:
+    async def rebuild_from_objects(self, tx: Transaction) -> None:
         """A database from before the views (store version 0) gets them from its objects."""
         seen: dict[str, set[str]] = {}
         async with self._db.execute("SELECT DISTINCT entity FROM objects") as cursor:
@@ -209,4 +192,4 @@ class ViewCatalog:
         ) as cursor:
             for entity, member in await cursor.fetchall():
                 seen[entity].add(member)
-        await self.discover(dict(seen))
+        await self.discover(tx, dict(seen))

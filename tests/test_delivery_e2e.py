@@ -15,7 +15,7 @@ import pytest
 from broker import ChangeBatch, ObjectList, ObjectRef, SyncClient, SyncJob, UpsertChange
 from broker.publishing import json_message
 from broker.topology import CHANGES_EXCHANGE
-from device_agent import AgentSettings, DeviceAgent
+from device_agent import AgentSettings, AppliedBatch, DeviceAgent
 from tests.conftest import ROOT, WORKER_ROLE, MakeDevice, Services, insert, sync_settled, wait_for
 
 pytestmark = pytest.mark.usefixtures("worker")
@@ -212,7 +212,7 @@ async def test_the_agent_tells_the_app_about_each_batch_once_it_is_committed(
     ids = [await insert(pg, "t_task", title=f"t{i}") for i in range(120)]
     seen: list[str] = []
 
-    def on_applied(batch: ChangeBatch) -> None:
+    def on_applied(batch: AppliedBatch) -> None:
         seen.append(batch.batch_id)
 
     agent = await DeviceAgent.start(

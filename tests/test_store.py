@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from broker import ChangeBatch, OverlayChange, RemoveChange, ResyncChange, UpsertChange
 from device_agent import OfflineStore
-from device_agent.store import _SCHEMA
+from device_agent.tables import SCHEMA
 from device_agent.views import ViewCatalog
 
 HOSTILE = 'x"; DROP TABLE objects; --'
@@ -204,7 +204,7 @@ async def test_failed_batch_leaves_no_view_and_a_retry_creates_it(store: Offline
     with pytest.raises(sqlite3.OperationalError, match="no such table"):
         await store.apply_batch(batch)
     assert "Note" not in _views(tmp_path / "device.sqlite")
-    await store._db.executescript(_SCHEMA)
+    await store._db.executescript(SCHEMA)
     assert await store.apply_batch(batch)
     _, rows = _app_sql(tmp_path / "device.sqlite", 'SELECT id, text FROM "Note"')
     assert rows == [(1, "a")]
