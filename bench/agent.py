@@ -202,7 +202,12 @@ async def apply_rates(objects: int, batch_size: int, runs: int) -> dict[str, lis
     _progress(f"building {objects:,} upserts in batches of {batch_size:,}")
     batches = _batches(objects, batch_size)
     chunks = _raw_rows(batches)
-    bodies = [encode_batch(batch.job_id, batch.device_id, batch.changes).body for batch in batches]
+    bodies = [
+        encode_batch(
+            batch.job_id, batch.device_id, [c.model_dump_json() for c in batch.changes]
+        ).body
+        for batch in batches
+    ]
     rates: dict[str, list[float]] = {
         STORE: [],
         RAW: [],
@@ -434,7 +439,11 @@ async def _small_backlog(env: dict[str, str], count: int) -> float:
             encode_batch(
                 job_id,
                 device_id,
-                (UpsertChange(entity=ENTITY, id=n, version=n, data=_work_order(n)),),
+                [
+                    UpsertChange(
+                        entity=ENTITY, id=n, version=n, data=_work_order(n)
+                    ).model_dump_json()
+                ],
             )
             for n in range(1, count + 1)
         ]

@@ -34,7 +34,9 @@ def _note(n: int, version: int = 1, **data: Any) -> UpsertChange:
 
 
 def _encoded(device: Device, *changes: Change) -> EncodedBatch:
-    return encode_batch("job-group", device.device_id, changes)
+    return encode_batch(
+        "job-group", device.device_id, [change.model_dump_json() for change in changes]
+    )
 
 
 async def _publish(amqp: aio_pika.abc.AbstractChannel, device: Device, bodies: list[bytes]):

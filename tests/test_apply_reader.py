@@ -83,7 +83,7 @@ def _without_the_strict_reader(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_the_workers_encoding_is_read_without_the_strict_reader(monkeypatch):
-    body = encode_batch("job-1", "dev-1", _changes()).body
+    body = encode_batch("job-1", "dev-1", [change.model_dump_json() for change in _changes()]).body
     expected = as_read_batch(decode(ChangeBatch, body))
     _without_the_strict_reader(monkeypatch)
     assert decode_batch(body) == expected

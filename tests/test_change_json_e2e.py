@@ -13,11 +13,13 @@ import asyncpg
 import pytest
 from pydantic import TypeAdapter
 
-from broker import ObjectRef, SyncClient
+from broker import ObjectRef, SyncClient, wire
+from broker.wire import decode_batch
 from tests.conftest import MakeDevice, Services, insert, sync_settled, worker_settings
 from worker import DomainModel, Worker
 from worker.access import UPSERT, AccessPolicy
 from worker.model import parse_model
+from worker.publisher import encode_batch
 
 _COLUMNS = {
     "s": ("text", "string"),
@@ -69,6 +71,12 @@ _MODEL = parse_model(
         }
     )
 )
+
+
+def _refuse(model: object, body: bytes) -> None:
+    raise AssertionError("the strict reader was needed")
+
+
 _VALUES: TypeAdapter[dict[str, Any]] = TypeAdapter(dict[str, Any])
 
 
@@ -95,7 +103,9 @@ async def values_table(services: Services) -> Any:
     await conn.close()
 
 
-async def test_postgresql_writes_each_value_as_the_worker_serialized_it(values_table: Any):
+async def test_postgresql_writes_each_value_as_the_worker_serialized_it(
+    values_table: Any, monkeypatch: pytest.MonkeyPatch
+):
     query = AccessPolicy(_MODEL).query("Value", frozenset({"Reader"}))
     records = await values_table.fetch(query.sql, *query.arguments([1, 2, 3], user_id=1))
     written = {record["id"]: json.loads(record[UPSERT]) for record in records}
@@ -113,6 +123,11 @@ async def test_postgresql_writes_each_value_as_the_worker_serialized_it(values_t
             "version": 1,
             "data": expected,
         }
+    # The agent reads what PostgreSQL wrote on its fast path, without the strict reader;
+    # only a float with an exponent (PostgreSQL writes -2.5e-07) is handed to that one.
+    monkeypatch.setattr(wire, "decode", _refuse)
+    fast = [record[UPSERT] for record in records if record["id"] != 2]
+    assert len(decode_batch(encode_batch("job-1", "dev-1", fast).body).changes) == 2
     assert written[1]["data"]["at_tz"] == "2025-05-01T10:00:00.510000Z"
     assert written[1]["data"]["d_numeric"] == "480.5000"
     assert written[2]["data"]["at_tz"] == "1999-12-31T23:59:59Z"
