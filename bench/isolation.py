@@ -55,11 +55,11 @@ After 3 s, the 20th device's own account (``device.<id>`` with the secret regist
 returned) publishes ``--flood`` one-object jobs over 10 s: built beforehand, paced, at
 most 1,000 awaiting the broker's confirm, with direct reply-to so every result comes
 back by correlation id. The flooding device runs in a process of its own, as a device is
-a machine of its own: in this process its client work (building 20,000 messages took
-1.2 s at once, then publishing and decoding as many results) stalled the event loop that
-times the others' jobs and runs their agents by 0.1-1.2 s, which the others' figures
-then counted as the system's delay. The note says how long the publishing really took: on this
-shared machine the confirms under load stretch it to 20-40 s. The stream
+a machine of its own: in the bench's process its client work (building 20,000 messages
+took 1.2 s at once, then publishing and decoding as many results) stalled the event loop
+that times the others' jobs and runs their agents by 0.1-1.2 s, which the others'
+figures then counted as the system's delay. The note says how long the publishing really
+took: on this shared machine the confirms under load stretch it to 20-140 s. The stream
 goes on until the others have recovered (every job of theirs due in the last 3 s, up to
 1.5 s ago, done within 1 s) or ``--recover-max`` s after the flood's last publish,
 whichever is first. Figures: the others' p50, p99 and max for jobs due during the flood
