@@ -54,8 +54,12 @@ jobs (statuses, latency of the last).
 After 3 s, the 20th device's own account (``device.<id>`` with the secret registration
 returned) publishes ``--flood`` one-object jobs over 10 s: built beforehand, paced, at
 most 1,000 awaiting the broker's confirm, with direct reply-to so every result comes
-back by correlation id. The note says how long the publishing really took: on this
-shared machine the confirms under load stretch it to 20-40 s. The stream
+back by correlation id. The flooding device runs in a process of its own, as a device is
+a machine of its own: in the bench's process its client work (building 20,000 messages
+took 1.2 s at once, then publishing and decoding as many results) stalled the event loop
+that times the others' jobs and runs their agents by 0.1-1.2 s, which the others'
+figures then counted as the system's delay. The note says how long the publishing really
+took: on this shared machine the confirms under load stretch it to 20-140 s. The stream
 goes on until the others have recovered (every job of theirs due in the last 3 s, up to
 1.5 s ago, done within 1 s) or ``--recover-max`` s after the flood's last publish,
 whichever is first. Figures: the others' p50, p99 and max for jobs due during the flood
@@ -80,6 +84,7 @@ import random
 import re
 import shutil
 import signal
+import sys
 import tempfile
 import time
 import uuid
@@ -88,6 +93,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import aio_pika
@@ -96,6 +102,7 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from bench.report import Figure, as_table, progress
 from bench.rig import (
+    ROOT,
     USER,
     AppliedBatches,
     accounts,
@@ -737,11 +744,15 @@ class Flood:
         await self._exchange.publish(message, self._session.device_id, timeout=60)
         self.last_confirmed = max(self.last_confirmed, time.perf_counter())
 
-    async def run(self, count: int, seconds: float, ids: Sequence[int]) -> tuple[float, float]:
-        """``count`` jobs paced over ``seconds``, at most ``FLOOD_WINDOW`` unconfirmed;
-        (first due, last confirm). The messages are built beforehand."""
+    def build(self, count: int, ids: Sequence[int]) -> list[aio_pika.Message]:
         rng = random.Random(11)
-        messages = [self._message(rng.choice(ids)) for _ in range(count)]
+        return [self._message(rng.choice(ids)) for _ in range(count)]
+
+    async def run(
+        self, messages: Sequence[aio_pika.Message], seconds: float
+    ) -> tuple[float, float]:
+        """``messages`` paced over ``seconds``, at most ``FLOOD_WINDOW`` unconfirmed;
+        (first due, last confirm)."""
         gate = asyncio.Semaphore(FLOOD_WINDOW)
 
         async def one(message: aio_pika.Message, due: float) -> None:
@@ -753,13 +764,105 @@ class Flood:
         start = time.perf_counter()
         async with asyncio.TaskGroup() as group:
             for n, message in enumerate(messages):
-                due = start + n * seconds / count
+                due = start + n * seconds / len(messages)
                 delay = due - time.perf_counter()
                 if delay > 0.002:  # finer sleeps cost more than they pace
                     await asyncio.sleep(delay)
                 await gate.acquire()
                 group.create_task(one(message, due))
         return start, self.last_confirmed
+
+
+async def _flood_child(spec: dict[str, Any]) -> list[list[Any]]:
+    """The flooding device, run as ``--flood-child SPEC``: a device is a machine of its
+    own, so its client's work (20,000 publishes and results) stays out of the event loop
+    that times the others' jobs and runs their agents. Talks over stdin/stdout: prints
+    ``ready`` once connected with its messages built, floods on ``go`` and prints
+    ``published FIRST_DUE LAST_CONFIRM``, and on ``stop`` returns what it sent and got
+    (``main`` writes it to ``SPEC.out``). ``time.perf_counter`` is the system's monotonic
+    clock, the same in every process."""
+    session = Session(user_id=spec["user_id"], device_id=spec["device_id"])
+    lines = asyncio.StreamReader()
+    loop = asyncio.get_running_loop()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(lines), sys.stdin)
+    async with await connect(spec["url"], "bench-flood") as own:
+        flood = Flood(await open_channel(own), session, device_account(session.device_id))
+        await flood.start()
+        messages = flood.build(spec["count"], spec["ids"])
+        print("ready", flush=True)
+        await lines.readline()
+        started, ended = await flood.run(messages, spec["seconds"])
+        print(f"published {started!r} {ended!r}", flush=True)
+        await lines.readline()
+    return [
+        [s.job_id, s.due, s.answered, s.result.model_dump_json() if s.result else None]
+        for s in flood.sent.values()
+    ]
+
+
+@asynccontextmanager
+async def _flooder(
+    env: dict[str, str], fleet: Fleet, session: Session, count: int
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, Path]]:
+    """The flood's own process, connected and ready; stopped after."""
+    url = _account_url(env["SYNC_AMQP_URL"], session.device_id, fleet.secrets[session.device_id])
+    spec = fleet.folder / "flood.json"
+    spec.write_text(
+        json.dumps(
+            {
+                "url": url,
+                "user_id": session.user_id,
+                "device_id": session.device_id,
+                "count": count,
+                "seconds": FLOOD_SECONDS,
+                "ids": fleet.ids,
+            }
+        )
+    )
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "bench.isolation", "--flood-child", str(spec)),
+        cwd=ROOT,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None
+        if (await asyncio.wait_for(process.stdout.readline(), 60)).strip() != b"ready":
+            raise RuntimeError("the flood process did not start")
+        yield process, spec
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def _flood(process: asyncio.subprocess.Process) -> tuple[float, float]:
+    """Let the flood go; (first due, last confirm) once it is published."""
+    assert process.stdin is not None and process.stdout is not None
+    process.stdin.write(b"go\n")
+    await process.stdin.drain()
+    _, started, ended = (await process.stdout.readline()).split()
+    return float(started), float(ended)
+
+
+async def _flood_results(
+    process: asyncio.subprocess.Process, spec: Path, device_id: str
+) -> list[Sent]:
+    """Stop the flood process and read what it sent and got."""
+    assert process.stdin is not None
+    process.stdin.write(b"stop\n")
+    await process.stdin.drain()
+    await asyncio.wait_for(process.wait(), 60)
+    return [
+        Sent(
+            device_id,
+            job_id,
+            due,
+            answered,
+            decode(SyncResult, result.encode()) if result else None,
+        )
+        for job_id, due, answered, result in json.loads(spec.with_suffix(".out").read_text())
+    ]
 
 
 def _account_url(amqp_url: str, device_id: str, secret: str) -> str:
@@ -842,14 +945,11 @@ class FloodRun:
 
 async def _flood_run(env: dict[str, str], fleet: Fleet, count: int, recover_max: float) -> FloodRun:
     flooder, others = fleet.sessions[-1], fleet.sessions[:-1]
-    url = _account_url(env["SYNC_AMQP_URL"], flooder.device_id, fleet.secrets[flooder.device_id])
     run = FloodRun(dead_before=await _depth(env["SYNC_AMQP_URL"], DEAD_JOBS_QUEUE.name))
     async with (
         _workers(env, fleet, "flood") as (_, client),
-        await connect(url, "bench-flood") as own,
+        _flooder(env, fleet, flooder, count) as (process, spec),
     ):
-        flood = Flood(await open_channel(own), flooder, device_account(flooder.device_id))
-        await flood.start()
         stream = Stream(client, others, fleet.ids, FLOOD_RATE_OTHERS)
         stop = asyncio.Event()
         running = asyncio.create_task(stream.run(stop, longest=FLOOD_SECONDS + recover_max + 30))
@@ -857,7 +957,7 @@ async def _flood_run(env: dict[str, str], fleet: Fleet, count: int, recover_max:
         progress(
             f"isolation, flood: {count:,} jobs in {FLOOD_SECONDS:g} s from the device's account"
         )
-        run.started, run.ended = await flood.run(count, FLOOD_SECONDS, fleet.ids)
+        run.started, run.ended = await _flood(process)
         progress(f"isolation, flood: published in {run.ended - run.started:.1f} s; recovering")
         deadline = run.ended + recover_max
         # A condition over the results so far: nothing to be notified by.
@@ -867,8 +967,9 @@ async def _flood_run(env: dict[str, str], fleet: Fleet, count: int, recover_max:
         await running
         run.stopped = time.perf_counter()
         await stream.settle(min(SETTLE, 5.0))
-        await _applied_all(fleet, [*stream.sent, *flood.sent.values()], 5.0)
-        run.stream, run.flood = stream.sent, list(flood.sent.values())
+        flood = await _flood_results(process, spec, flooder.device_id)
+        await _applied_all(fleet, [*stream.sent, *flood], 5.0)
+        run.stream, run.flood = stream.sent, flood
     run.dead_after = await _depth(env["SYNC_AMQP_URL"], DEAD_JOBS_QUEUE.name)
     run.dead = await _dead_letters(env["SYNC_AMQP_URL"], 30.0)
     return run
@@ -1005,7 +1106,13 @@ def main() -> None:
     parser.add_argument("--freeze", type=float, default=10.0, help="s the worker stays stopped")
     parser.add_argument("--flood", type=int, default=20_000, help="jobs the device floods")
     parser.add_argument("--recover-max", type=float, default=90.0)
+    parser.add_argument("--flood-child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.flood_child:
+        spec = json.loads(args.flood_child.read_text())
+        sent = asyncio.run(_flood_child(spec))
+        args.flood_child.with_suffix(".out").write_text(json.dumps(sent))
+        return
     started = time.perf_counter()
     figures = asyncio.run(
         isolation(

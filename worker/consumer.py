@@ -1,7 +1,8 @@
 """The job consumer: admit each job, hand it to its device's turn, answer and settle it.
 
 A delivery is checked on arrival (the body, the publisher, the names, the device's rate)
-and a job that can never succeed is rejected at once. Good jobs wait for their device in
+and a job that can never succeed is rejected at once; a device account's job past its
+device's rate is refused first, before its body is read. Good jobs wait for their device in
 the ``DeviceScheduler``; a run serves all of a device's jobs in hand together. Each job
 still gets its own result, then is settled by ``broker.settle``: acked only after the
 broker confirmed its batches, dead-lettered with its reason when rejected, handed back
@@ -35,12 +36,14 @@ from worker.metrics import DEVICE_LOCK_WAIT, record_failed_job, record_job
 from worker.model import DomainModel
 from worker.scheduler import Busy, DeviceScheduler
 
-__all__ = ["USER_HEADER", "JobConsumer", "job_id_of"]
+__all__ = ["RATE_LIMITED", "USER_HEADER", "JobConsumer", "job_id_of"]
 
 log = logging.getLogger(__name__)
 
 # The AMQP user that published the job; the broker validated it on the way in.
 USER_HEADER = "x-sync-user-id"
+# The answer to a job past its device's limits (``worker.limits``).
+RATE_LIMITED = "rate-limited"
 
 
 def job_id_of(message: AbstractIncomingMessage) -> str:
@@ -107,9 +110,20 @@ class JobConsumer:
     def _weight(pending: Pending) -> int:
         return MAX_OBJECTS_PER_JOB + 1 if pending.alone else max(1, len(pending.claimed.targets))
 
+    def _admit(self, device_id: str) -> bool:
+        return self._limits.admit(device_id, in_hand=self.scheduler.waiting(device_id))
+
     async def on_message(self, message: AbstractIncomingMessage) -> None:
         """Admit one delivery: reject it now, answer it now, or queue it for its device."""
         started = time.perf_counter()
+        own_device = device_of_account(message.user_id)
+        if own_device is not None and not self._admit(own_device):
+            # The broker checked the user_id and a device account speaks for its own
+            # device only, so its limit is known before the body is read: a flood is
+            # refused without the strict decode and the name checks. Its bad jobs use
+            # up its rate too.
+            await self._answer(message, started, None, error=Reject(RATE_LIMITED))
+            return
         try:
             job = decode(SyncJob, message.body)
         except WireError as error:
@@ -123,8 +137,9 @@ class JobConsumer:
                 return
             targets = job.targets()
             check_job_names(job, self._model, targets)
-            if not self._limits.admit(device_id, in_hand=self.scheduler.waiting(device_id)):
-                raise JobRejected("rate-limited")
+            # A trusted account's job names its device in the body, read only now.
+            if own_device is None and not self._admit(device_id):
+                raise JobRejected(RATE_LIMITED)
         except JobRejected as rejected:
             await self._answer(message, started, job, error=Reject(rejected.reason))
             return
