@@ -115,6 +115,13 @@ async def _terminate(processes: Sequence[asyncio.subprocess.Process]) -> None:
             await process.wait()
 
 
+_UNLIMITED_DEVICES = {
+    "device_rate": "1000000",
+    "device_burst": "1000000",
+    "device_in_hand": "100000",
+}
+
+
 @asynccontextmanager
 async def running_workers(
     env: dict[str, str], count: int, folder: Path, tag: str, **settings: str
@@ -337,7 +344,12 @@ async def rig(
             tasks.append(asyncio.create_task(agent.run(stop)))
             stores.append(await OfflineStore.open(path))
         the_rig.stores = stores
-        async with running_workers(env, workers, folder, "pipeline") as processes:
+        # The pipeline measures throughput per device far above a device's own limits
+        # (SYNC_DEVICE_RATE and the rest protect a fleet from one device): a job refused
+        # as rate-limited would never land and stall the bench.
+        async with running_workers(
+            env, workers, folder, "pipeline", **_UNLIMITED_DEVICES
+        ) as processes:
             the_rig.worker_pids = [process.pid for process in processes]
             progress(f"rig: {devices} devices, {workers} worker process(es); warming up")
             warm_up = await client.synchronize_to_device(
