@@ -96,7 +96,23 @@ def _finite(text: str) -> float:
     return value
 
 
+_ANY = msgspec.json.Decoder()
+_ANY_ENCODER = msgspec.json.Encoder()
+
+
 def _strict_json(body: bytes) -> object:
+    # Fast path: a body that msgspec reads and writes back to the same bytes has no
+    # duplicate key (the object would shrink), no NaN, no number too large for a double
+    # and no other spelling parsers could read differently, so the checks below would
+    # pass; it is read once, in C. Senders' compact JSON (pydantic's, JSON.stringify's)
+    # takes it; anything else takes the careful path, with its precise reasons.
+    try:
+        data = _ANY.decode(body)
+    except msgspec.DecodeError:
+        pass
+    else:
+        if _ANY_ENCODER.encode(data) == body:
+            return data
     try:
         # Decoded here, strictly: UTF-16 or a byte order mark is refused, not guessed at.
         text = body.decode("utf-8")

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from broker import wire
 from broker.logs import TextFormatter, configure_logging
 from broker.models import ChangeBatch, SyncJob, SyncResult
 from broker.wire import WireError, decode, json_schema
@@ -405,3 +406,33 @@ def test_formatter_writes_through_a_handler_unchanged():
     assert stream.getvalue() == (
         'WARNING batch dropped message_id="m\\n1" reason="malformed-json: x"\n'
     )
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"a":1,"a":2}',
+        b'{"a":NaN}',
+        b'{"a":1e999}',
+        b'\xef\xbb\xbf{"a":1}',
+        b'{"a":"\xff"}',
+        b'{"a":123456789012345678901234567890}',
+        b'{ "a" : 1 }',
+        b'{"a":1.50}',
+    ],
+)
+def test_the_fast_reading_of_compact_json_agrees_with_the_careful_one(body: bytes):
+    """What msgspec reads and writes back to the same bytes is taken without the stdlib
+    parser; anything else gets that parser's answer or refusal."""
+    try:
+        careful: object = json.loads(
+            body.decode("utf-8"),
+            object_pairs_hook=wire._unique_keys,
+            parse_constant=wire._no_constants,
+            parse_float=wire._finite,
+        )
+    except (ValueError, wire.WireError):
+        with pytest.raises(wire.WireError):
+            wire._strict_json(body)
+    else:
+        assert wire._strict_json(body) == careful
