@@ -97,7 +97,8 @@ def _finite(text: str) -> float:
 
 
 _ANY = msgspec.json.Decoder()
-_ANY_ENCODER = msgspec.json.Encoder()
+# Writes back what the fast paths read (``_strict_json``, ``_takes``), to compare bytes.
+_ENCODER = msgspec.json.Encoder()
 
 
 def _strict_json(body: bytes) -> object:
@@ -111,7 +112,7 @@ def _strict_json(body: bytes) -> object:
     except msgspec.DecodeError:
         pass
     else:
-        if _ANY_ENCODER.encode(data) == body:
+        if _ENCODER.encode(data) == body:
             return data
     try:
         # Decoded here, strictly: UTF-16 or a byte order mark is refused, not guessed at.
@@ -243,7 +244,6 @@ class ReadBatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 _BATCH = msgspec.json.Decoder(ReadBatch)
-_ENCODER = msgspec.json.Encoder()
 
 
 def _takes(batch: ReadBatch, body: bytes) -> bool:

@@ -1,8 +1,9 @@
 """The device agent: consumes ``device.<id>`` and applies its batches, in delivery order.
 
 Group commit: the batches already delivered (up to ``group_batches`` and about
-``group_changes`` changes) are applied in ONE SQLite transaction, each in a savepoint of
-its own, so one fsync makes them all durable. Ack policy: a batch is acked only after
+``group_changes`` changes) are applied in ONE SQLite transaction, their statements merged
+(a savepoint per batch only when the group fails: ``OfflineStore.apply_group``), so one
+fsync makes them all durable. Ack policy: a batch is acked only after
 that commit. A batch that is not valid for this device, or that the store cannot apply,
 is logged and dropped (not requeued), so it cannot loop; its neighbours still apply.
 """

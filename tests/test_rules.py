@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from worker.model import ModelError, parse_model
-from worker.rules import ConstraintError, Parameters, compile_constraint, parse
+from worker.rules import ConstraintError, Parameters, check_constraint, parse
 from worker.rules.ast import (
     And,
     Comparison,
@@ -29,7 +29,8 @@ MODEL = parse_model(Path(__file__).with_name("model.yaml").read_text())
 
 def _compile(text: str, entity: str = "Ticket") -> tuple[str, Parameters]:
     params = Parameters(first=2)
-    return compile_constraint(text, entities=MODEL.entities, entity=entity, params=params), params
+    constraint = check_constraint(text, entities=MODEL.entities, entity=entity)
+    return constraint.sql(params), params
 
 
 def test_tokens_carry_their_position():
@@ -200,9 +201,7 @@ def test_association_to_a_table_less_entity_cannot_be_followed():
         "  D: {persistable: false, attributes: {x: string}}\n"
     )
     with pytest.raises(ConstraintError, match="D has no table to follow"):
-        compile_constraint(
-            "[A_D/D/x = 'y']", entities=model.entities, entity="A", params=Parameters()
-        )
+        check_constraint("[A_D/D/x = 'y']", entities=model.entities, entity="A")
 
 
 def test_values_travel_as_parameters_and_identifiers_are_quoted():

@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import insert
 from worker import DomainModel
-from worker.rules import Parameters, compile_constraint
+from worker.rules import Parameters, check_constraint
 
 USER = 7
 OTHER = 8
@@ -141,9 +141,7 @@ async def test_constraint_selects_exactly(
 ):
     await _data(pg)
     params = Parameters()
-    condition = compile_constraint(
-        constraint, entities=model.entities, entity="Ticket", params=params
-    )
+    condition = check_constraint(constraint, entities=model.entities, entity="Ticket").sql(params)
     records = await pg.fetch(
         f"SELECT t0.title FROM t_ticket t0 WHERE {condition}", *params.values(user_id=USER)
     )
@@ -153,12 +151,11 @@ async def test_constraint_selects_exactly(
 async def test_reverse_hop_from_the_owned_side(pg: asyncpg.Connection, model: DomainModel):
     await _data(pg)
     params = Parameters()
-    condition = compile_constraint(
+    condition = check_constraint(
         "[Assignment_Project/Assignment/Assignment_User = '[%CurrentUser%]']",
         entities=model.entities,
         entity="Project",
-        params=params,
-    )
+    ).sql(params)
     records = await pg.fetch(
         f"SELECT t0.name FROM t_project t0 WHERE {condition}", *params.values(user_id=USER)
     )

@@ -12,7 +12,9 @@ from worker.sql import quote_ident, quote_table
 
 __all__ = [
     "DEVICE_LOCK_CLASS",
+    "RELEASE_DEVICE",
     "SYNC_SCHEMA_SQL",
+    "TAKE_DEVICE",
     "create_index_sqls",
     "create_table_sql",
     "create_worker_role",
@@ -21,6 +23,9 @@ __all__ = [
 
 # Namespaces the per-device advisory locks among any other advisory locks of the database.
 DEVICE_LOCK_CLASS = 0x5D0C
+# The routines workers take and release devices with, by signature.
+TAKE_DEVICE = "sync.take_device(text,text[])"
+RELEASE_DEVICE = "sync.release_device(text,text[],text[],timestamptz)"
 
 SYNC_SCHEMA_SQL = """
 CREATE SCHEMA IF NOT EXISTS sync;
@@ -213,11 +218,8 @@ async def create_worker_role(
             f"GRANT UPDATE (resync_reason, resync_since) ON sync.device TO {grantee}"
         )
         await conn.execute(f"GRANT SELECT, INSERT, DELETE ON sync.job_result TO {grantee}")
-        await conn.execute(f"GRANT EXECUTE ON FUNCTION sync.take_device(text, text[]) TO {grantee}")
-        await conn.execute(
-            "GRANT EXECUTE ON PROCEDURE sync.release_device(text, text[], text[], timestamptz) "
-            f"TO {grantee}"
-        )
+        await conn.execute(f"GRANT EXECUTE ON FUNCTION {TAKE_DEVICE} TO {grantee}")
+        await conn.execute(f"GRANT EXECUTE ON PROCEDURE {RELEASE_DEVICE} TO {grantee}")
         for table in tables:
             await conn.execute(f"GRANT SELECT ON {quote_table(table)} TO {grantee}")
 

@@ -8,6 +8,7 @@ import asyncpg
 
 from broker.errors import ProgramError
 from worker.model import AttributeType, DomainModel, Entity
+from worker.schema import RELEASE_DEVICE, TAKE_DEVICE
 
 __all__ = ["SchemaMismatch", "check_schema", "schema_problems"]
 
@@ -30,7 +31,7 @@ _SYNC_TABLES = {
 }
 
 # The routines workers take and release devices with (worker.schema), as this role may run them.
-_ROUTINES = ("sync.take_device(text,text[])", "sync.release_device(text,text[],text[],timestamptz)")
+_ROUTINES = (TAKE_DEVICE, RELEASE_DEVICE)
 _MISSING_ROUTINES = """
 SELECT r FROM unnest($1::text[]) r
 WHERE to_regprocedure(r) IS NULL OR NOT has_function_privilege(to_regprocedure(r), 'EXECUTE')

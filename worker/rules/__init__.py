@@ -8,7 +8,6 @@ from worker.rules.sql import (
     EntityShape,
     Parameters,
     check_constraint,
-    compile_constraint,
 )
 
 __all__ = [
@@ -18,6 +17,5 @@ __all__ = [
     "EntityShape",
     "Parameters",
     "check_constraint",
-    "compile_constraint",
     "parse",
 ]

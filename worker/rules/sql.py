@@ -28,7 +28,6 @@ __all__ = [
     "EntityShape",
     "Parameters",
     "check_constraint",
-    "compile_constraint",
 ]
 
 _ROLE_TOKEN = re.compile(r"^UserRole_([A-Za-z][A-Za-z0-9_]*)$")
@@ -125,24 +124,18 @@ class Constraint:
 
 def check_constraint(text: str, *, entities: Mapping[str, EntityShape], entity: str) -> Constraint:
     """Constraint ``text`` on ``entity``, checked. Raises ``ConstraintError`` (with the
-    position) when the text does not parse or names something the model does not have."""
-    params = Parameters()
-    template = _Compiler(text, entities, params).expr(parse(text), entity, "t0")
-    return Constraint(text, template, params.sources)
-
-
-def compile_constraint(
-    text: str, *, entities: Mapping[str, EntityShape], entity: str, params: Parameters
-) -> str:
-    """The SQL condition of constraint ``text`` on ``entity`` whose table is aliased ``t0``.
+    position) when the text does not parse or names something the model does not have.
 
     Example::
 
-        compile_constraint("[status = 'Open']", entities=model.entities, entity="WorkOrder",
-                           params=Parameters(first=2))
+        constraint = check_constraint("[status = 'Open']", entities=model.entities,
+                                      entity="WorkOrder")
+        constraint.sql(Parameters(first=2))
         # '(lower(t0."status") = lower($2::text)) IS TRUE'
     """
-    return check_constraint(text, entities=entities, entity=entity).sql(params)
+    params = Parameters()
+    template = _Compiler(text, entities, params).expr(parse(text), entity, "t0")
+    return Constraint(text, template, params.sources)
 
 
 # What a path leads to.
