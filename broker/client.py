@@ -7,7 +7,6 @@ import logging
 import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal, overload
-from urllib.parse import unquote, urlsplit
 
 from aio_pika.abc import (
     AbstractExchange,
@@ -17,7 +16,7 @@ from aio_pika.abc import (
 )
 
 from broker.closing import AsyncClosable
-from broker.connection import connect, open_channel
+from broker.connection import amqp_user, connect, open_channel
 from broker.errors import BrokerUnavailable
 from broker.models import (
     ObjectList,
@@ -79,7 +78,7 @@ class SyncClient(AsyncClosable):
             connection,
             channel,
             jobs,
-            user_id=_amqp_user(amqp_url),
+            user_id=amqp_user(amqp_url),
             publish_timeout=publish_timeout,
         )
         await client._consume_replies()
@@ -252,9 +251,3 @@ def _blocked(connection: AbstractRobustConnection) -> bool:
         else None
     )
     return isinstance(event, asyncio.Event) and not event.is_set()
-
-
-def _amqp_user(amqp_url: str) -> str | None:
-    """The AMQP user the connection logs in as; the broker checks ``user_id`` against it."""
-    username = urlsplit(amqp_url).username
-    return unquote(username) if username else "guest"

@@ -10,7 +10,7 @@ from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 
 from broker.errors import AccessRefused, BrokerUnavailable, ConfigurationError
 
-__all__ = ["CONNECT_TIMEOUT", "checked_url", "connect", "open_channel", "where"]
+__all__ = ["CONNECT_TIMEOUT", "amqp_user", "checked_url", "connect", "open_channel", "where"]
 
 AMQP_URL_FORM = "RabbitMQ URL (amqp://user:password@host:port/vhost)"
 
@@ -34,6 +34,13 @@ def checked_url(url: str, schemes: tuple[str, ...], form: str) -> str:
             f"host {parts.hostname or 'missing'!r}"
         )
     return url
+
+
+def amqp_user(amqp_url: str) -> str:
+    """The AMQP user a connection to ``amqp_url`` logs in as; the broker checks a
+    message's ``user_id`` against it."""
+    username = urlsplit(amqp_url).username
+    return unquote(username) if username else "guest"
 
 
 async def connect(url: str, name: str) -> AbstractRobustConnection:

@@ -143,13 +143,20 @@ async def db_init(args: argparse.Namespace, settings: ServerSettings) -> int:
     if args.worker_role and not password:
         raise ProgramError("--worker-role needs the role's password in SYNC_WORKER_DB_PASSWORD")
     async with _database(settings) as conn:
-        tables = await init_database(conn, model, create_tables=args.create_tables)
+        tables, captured = await init_database(
+            conn,
+            model,
+            create_tables=args.create_tables,
+            backlog_limit=settings.follow_backlog_limit,
+        )
         if args.worker_role and password:
             try:
                 await create_worker_role(conn, model, args.worker_role, password)
             except ValueError as error:
                 raise ProgramError(str(error)) from None
     print(f"sync schema ready; version trigger on {len(tables)} tables: {', '.join(tables)}")
+    if model.followed:
+        print(f"follow: {', '.join(model.followed)}; changes captured on {', '.join(captured)}")
     if args.worker_role:
         print(f"worker role {args.worker_role}: reads the app tables, writes no app data")
     return 0
@@ -233,6 +240,7 @@ async def device_show(args: argparse.Namespace, settings: ServerSettings) -> int
     resync = device["resync_reason"]
     since = device["resync_since"]
     print(f"needs resync: {f'{resync} since {since.isoformat()}' if resync else 'no'}")
+    print(f"objects held (followed entities): {device['holdings']}")
     print(f"amqp user: {device_account(args.device)}")
     if device["offline"]:
         async with _broker(settings) as (connection, _):

@@ -17,10 +17,9 @@ from broker.topology import (
     delete_device_queue,
 )
 from syncctl.accounts import BrokerAccounts
+from worker.devices import delete_device, find_device, list_devices, save_device
 
 __all__ = ["find_device", "list_devices", "register_device", "unregister_device"]
-
-_DEVICE_COLUMNS = "device_id, user_id, offline, registered_at, resync_reason, resync_since"
 
 
 def _check(device_id: str, user_id: int) -> None:
@@ -62,14 +61,7 @@ async def register_device(
             await declare_device_queue(channel, device_id, limits)
         return None
     async with conn.transaction():
-        await conn.execute(
-            "INSERT INTO sync.device (device_id, user_id, offline) VALUES ($1, $2, $3) "
-            "ON CONFLICT (device_id) DO UPDATE SET user_id = excluded.user_id, "
-            "offline = excluded.offline",
-            device_id,
-            user_id,
-            offline,
-        )
+        await save_device(conn, device_id, user_id, offline=offline)
         if offline:
             await declare_device_queue(channel, device_id, limits)
         try:
@@ -83,20 +75,8 @@ async def register_device(
 async def unregister_device(
     conn: asyncpg.Connection, channel: AbstractChannel, accounts: BrokerAccounts, device_id: str
 ) -> bool:
-    """Revoke the account, delete the queue and the registration; ``False`` when it was not
-    registered."""
+    """Revoke the account, delete the queue, the registration and what the server knew the
+    device held; ``False`` when it was not registered."""
     await accounts.delete_device_account(device_id)
     await delete_device_queue(channel, device_id)
-    status: str = await conn.execute("DELETE FROM sync.device WHERE device_id = $1", device_id)
-    return status != "DELETE 0"
-
-
-async def find_device(conn: asyncpg.Connection, device_id: str) -> asyncpg.Record | None:
-    record: asyncpg.Record | None = await conn.fetchrow(
-        f"SELECT {_DEVICE_COLUMNS} FROM sync.device WHERE device_id = $1", device_id
-    )
-    return record
-
-
-async def list_devices(conn: asyncpg.Connection) -> list[asyncpg.Record]:
-    return list(await conn.fetch(f"SELECT {_DEVICE_COLUMNS} FROM sync.device ORDER BY device_id"))
+    return await delete_device(conn, device_id)

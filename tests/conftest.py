@@ -125,7 +125,8 @@ async def amqp(services: Services) -> AsyncIterator[aio_pika.abc.AbstractRobustC
 async def pg(services: Services, schema: None, amqp: object) -> AsyncIterator[asyncpg.Connection]:
     conn = await asyncpg.connect(services.database_url)
     await conn.execute(
-        f"TRUNCATE {', '.join(APP_TABLES)}, sync.device, sync.user_role, sync.job_result "
+        f"TRUNCATE {', '.join(APP_TABLES)}, sync.device, sync.holding, sync.user_role, "
+        "sync.job_result "
         "RESTART IDENTITY"
     )
     yield conn

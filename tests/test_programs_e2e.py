@@ -43,6 +43,7 @@ from tests.conftest import (
     wait_for,
 )
 from worker import DomainModel
+from worker.devices import RELEASE_DEVICE
 from worker.schema import create_worker_role, init_database
 from worker.settings import ServerSettings
 
@@ -482,14 +483,13 @@ async def test_worker_with_an_attribute_that_has_no_column_does_not_start(
 async def test_worker_on_a_sync_schema_of_an_older_version_says_to_run_db_init(
     services: Services, pg: asyncpg.Connection, model: DomainModel
 ):
-    await pg.execute("DROP PROCEDURE sync.release_device(text, text[], text[], timestamptz)")
+    await pg.execute(f"DROP PROCEDURE {RELEASE_DEVICE}")
     try:
         _fails(
             await _run(services, "worker", SYNC_DATABASE_URL=services.worker_database_url),
             1,
             "sync-worker: the model does not match the database",
-            "routine sync.release_device(text,text[],text[],timestamptz): missing or not "
-            "executable (run `syncctl db init`)",
+            f"routine {RELEASE_DEVICE}: missing or not executable (run `syncctl db init`)",
         )
     finally:
         await init_database(pg, model)

@@ -10,12 +10,13 @@ from collections.abc import Awaitable, Callable
 import asyncpg
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 
-from broker.connection import connect, open_channel
+from broker.connection import amqp_user, connect, open_channel
 from broker.health import operations_endpoint
 from broker.topology import (
     CHANGES_EXCHANGE,
     DEAD_CHANGES_QUEUE,
     DEAD_JOBS_EXCHANGE,
+    JOBS_EXCHANGE,
     JOBS_QUEUE,
     declare_exchange,
     declare_topology,
@@ -23,6 +24,7 @@ from broker.topology import (
 from worker.consumer import JobConsumer
 from worker.database import create_pool
 from worker.errors import TRANSIENT_ERRORS
+from worker.follow import FollowFeed
 from worker.handler import JobHandler
 from worker.limits import DeviceLimits
 from worker.lost import LostBatchConsumer
@@ -78,6 +80,7 @@ class Worker:
         self._forgetting = asyncio.create_task(
             forget_answers(pool, hours=settings.job_memory_hours)
         )
+        self._following: asyncio.Task[None] | None = None
 
     @classmethod
     async def start(cls, settings: WorkerSettings, model: DomainModel | None = None) -> Worker:
@@ -136,6 +139,20 @@ class Worker:
         await worker._consume(await channel.get_queue(JOBS_QUEUE.name), consumer.on_message)
         lost = LostBatchConsumer(pool)
         await worker._consume(await channel.get_queue(DEAD_CHANGES_QUEUE.name), lost.on_message)
+        if model.followed:
+            feed = FollowFeed(
+                settings.database_url,
+                model,
+                await declare_exchange(channel, JOBS_EXCHANGE),
+                name=settings.name,
+                user_id=amqp_user(settings.amqp_url),
+                interval=settings.follow_interval,
+                chunk=settings.follow_chunk,
+                takeover=settings.follow_takeover,
+                publish_timeout=settings.publish_timeout,
+                window=settings.confirm_window,
+            )
+            worker._following = asyncio.create_task(feed.run())
         log.info("worker started", extra={"worker": settings.name, "prefetch": settings.prefetch})
         return worker
 
@@ -171,6 +188,8 @@ class Worker:
         Jobs still in hand after the grace period (say, waiting out a database outage) are
         cancelled unacked, so the broker hands them to another worker.
         """
+        if self._following is not None:
+            self._following.cancel()
         for queue, tag in self._consuming:
             await queue.cancel(tag)
         started = time.monotonic()

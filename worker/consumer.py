@@ -30,6 +30,7 @@ from broker.wire import WireError, decode
 from worker.answers import Answer, answer_of
 from worker.eligibility import check_job_names
 from worker.errors import TRANSIENT_ERRORS, JobRejected
+from worker.follow import FOLLOW_HEADER
 from worker.handler import Claimed, JobHandler, claim, ignored
 from worker.limits import DeviceLimits
 from worker.metrics import DEVICE_LOCK_WAIT, record_failed_job, record_job
@@ -44,6 +45,8 @@ log = logging.getLogger(__name__)
 USER_HEADER = "x-sync-user-id"
 # The answer to a job past its device's limits (``worker.limits``).
 RATE_LIMITED = "rate-limited"
+# A push's cause as the feed writes it (entity names, ids, words): safe to log.
+_CAUSE = re.compile(r"[A-Za-z0-9_. -]{1,200}")
 
 
 def job_id_of(message: AbstractIncomingMessage) -> str:
@@ -113,9 +116,18 @@ class JobConsumer:
     def _admit(self, device_id: str) -> bool:
         return self._limits.admit(device_id, in_hand=self.scheduler.waiting(device_id))
 
+    def _push_cause(self, message: AbstractIncomingMessage) -> str | None:
+        """What caused a follow push (``worker.follow``), or ``None`` for an app's job.
+        Only a trusted account's message can be a push."""
+        cause = (message.headers or {}).get(FOLLOW_HEADER)
+        if cause is None or message.user_id not in self._trusted:
+            return None
+        return cause if isinstance(cause, str) and _CAUSE.fullmatch(cause) else "unknown"
+
     async def on_message(self, message: AbstractIncomingMessage) -> None:
         """Admit one delivery: reject it now, answer it now, or queue it for its device."""
         started = time.perf_counter()
+        push = self._push_cause(message)
         own_device = device_of_account(message.user_id)
         if own_device is not None and not self._admit(own_device):
             # The broker checked the user_id and a device account speaks for its own
@@ -137,13 +149,18 @@ class JobConsumer:
                 return
             targets = job.targets()
             check_job_names(job, self._model, targets)
-            # A trusted account's job names its device in the body, read only now.
-            if own_device is None and not self._admit(device_id):
+            # A trusted account's job names its device in the body, read only now. A
+            # push is the server's own: it is bounded by the feed, not by the device.
+            if own_device is None and push is None and not self._admit(device_id):
                 raise JobRejected(RATE_LIMITED)
         except JobRejected as rejected:
             await self._answer(message, started, job, error=Reject(rejected.reason))
             return
-        pending = Pending(message, Claimed(job, device_id, claimed_user, targets), started)
+        if push is not None:
+            # The device's owner comes from PostgreSQL when the push runs.
+            claimed_user = None
+        claimed = Claimed(job, device_id, claimed_user, targets, push)
+        pending = Pending(message, claimed, started)
         self.scheduler.submit(device_id, pending)
 
     async def _run(self, device_id: str, group: list[Pending]) -> None:

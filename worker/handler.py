@@ -14,6 +14,7 @@ release.
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -24,25 +25,25 @@ from pydantic import ValidationError
 from broker.accounts import device_of_account
 from broker.errors import Refused, Unroutable
 from broker.models import ObjectKey, ResyncChange, Session, SyncJob, SyncResult
-from worker.access import AccessPolicy
+from worker.access import MATCHES, VERSION, AccessPolicy
 from worker.answers import Answer, answer_of, done, remembered
-from worker.eligibility import Decision, decide
+from worker.devices import DEVICE_LOCK_CLASS, LET_GO, RELEASE, TAKE
+from worker.eligibility import DELETED, GONE, NO_ACCESS, SYNCED, Decision, Found, decide
 from worker.errors import JobRejected
 from worker.model import DomainModel
 from worker.publisher import BatchPublisher, EncodedBatch
 from worker.resolver import fetch_rows
 from worker.scheduler import Busy
-from worker.schema import DEVICE_LOCK_CLASS
 
 __all__ = ["DEVICE_LOCK_CLASS", "Claimed", "JobHandler", "Outcome", "claim", "ignored"]
 
-# The lock, then the device, its user's roles (always from PostgreSQL, never from the
-# job) and the answers it gave before to jobs in hand (a caller that retried).
-_TAKE = "SELECT * FROM sync.take_device($1, $2::text[])"
-_RELEASE = "CALL sync.release_device($1, $2::text[], $3::text[], $4)"
-# After a run that failed: the device goes back, nothing is remembered.
-_LET_GO = "SELECT pg_advisory_unlock($1, hashtext($2))"
+log = logging.getLogger(__name__)
+
 _LET_GO_TIMEOUT = 5.0
+_REMOVED = frozenset({DELETED, GONE, NO_ACCESS})
+# What the device holds of a followed object after a run: (entity, id, version, members);
+# no version: no longer held.
+Holding = tuple[str, int, int | None, str | None]
 
 
 @dataclass(frozen=True, eq=False)
@@ -54,6 +55,9 @@ class Claimed:
     device_id: str
     claimed_user: int | None
     targets: list[ObjectKey]
+    # A follow push (``worker.follow``): what caused it. It refreshes only what the device
+    # holds, and its answer is not remembered.
+    push: str | None = None
 
 
 # What a job of a group comes to: its answer, or why it is rejected.
@@ -111,26 +115,53 @@ class JobHandler:
     ) -> None:
         self._pool = pool
         self._policy = AccessPolicy(model)
+        self._followed = frozenset(model.followed)
         self._publisher = publisher
         self._chunk_size = chunk_size
 
     async def handle(self, device_id: str, claimed: Sequence[Claimed]) -> list[Outcome]:
         """One outcome per job of ``claimed``, in order."""
-        job_ids = [c.job.job_id for c in claimed]
+        job_ids = [c.job.job_id for c in claimed if c.push is None]
+        pending = list(
+            dict.fromkeys(
+                key
+                for c in claimed
+                if c.push is None
+                for key in c.targets
+                if key[0] in self._followed
+            )
+        )
+        pushed = list(
+            dict.fromkeys(key for c in claimed if c.push is not None for key in c.targets)
+        )
         async with self._pool.acquire() as conn:
-            device = await conn.fetchrow(_TAKE, device_id, job_ids)
+            device = await conn.fetchrow(
+                TAKE,
+                device_id,
+                job_ids,
+                [entity for entity, _ in pending],
+                [object_id for _, object_id in pending],
+                [entity for entity, _ in pushed],
+                [object_id for _, object_id in pushed],
+            )
             if not device["taken"]:
                 raise Busy(device_id)
             if not device["known"]:
                 return [JobRejected("unknown-device")] * len(claimed)
             try:
-                outcomes, ran, announced = await self._serve(conn, device_id, device, claimed)
+                outcomes, ran, announced, holdings = await self._serve(
+                    conn, device_id, device, claimed
+                )
                 await conn.execute(
-                    _RELEASE,
+                    RELEASE,
                     device_id,
                     [answer.job_id for answer in ran],
                     [answer.body.decode() for answer in ran],
                     announced,
+                    [holding[0] for holding in holdings],
+                    [holding[1] for holding in holdings],
+                    [holding[2] for holding in holdings],
+                    [holding[3] for holding in holdings],
                 )
             except BaseException:
                 await _let_go(conn, device_id)
@@ -143,9 +174,9 @@ class JobHandler:
         device_id: str,
         device: asyncpg.Record,
         claimed: Sequence[Claimed],
-    ) -> tuple[list[Outcome], list[Answer], datetime | None]:
-        """The outcome of each job, the answers of the jobs that ran (to remember), and the
-        resync mark they announced, if any."""
+    ) -> tuple[list[Outcome], list[Answer], datetime | None, list[Holding]]:
+        """The outcome of each job, the answers of the jobs that ran (to remember), the
+        resync mark they announced, if any, and what the device holds now."""
         outcomes: dict[int, Outcome] = {}
         # Retries of a job already answered, earlier or in hand now: the same answer.
         earlier: dict[str, Outcome] = {
@@ -157,7 +188,9 @@ class JobHandler:
         first_of: dict[str, int] = {}
         to_run: list[tuple[int, Claimed]] = []
         for index, item in enumerate(claimed):
-            if item.claimed_user is not None and device["owner"] != item.claimed_user:
+            if item.push is not None:
+                to_run.append((index, item))
+            elif item.claimed_user is not None and device["owner"] != item.claimed_user:
                 outcomes[index] = JobRejected("device-not-owned")
             elif not device["is_offline"]:
                 outcomes[index] = ignored(item.job, "online-app")
@@ -166,20 +199,27 @@ class JobHandler:
                 to_run.append((index, item))
         ran: list[Answer] = []
         announced = None
+        holdings: list[Holding] = []
         if to_run:
             results: list[Outcome]
             try:
-                ran, announced = await self._run(conn, device_id, device, [c for _, c in to_run])
-                results = list(ran)
+                results, announced, holdings = await self._run(
+                    conn, device_id, device, [c for _, c in to_run]
+                )
             except JobRejected as rejected:
                 results = [rejected] * len(to_run)
             outcomes.update(zip((index for index, _ in to_run), results, strict=True))
+            ran = [
+                result
+                for (_, item), result in zip(to_run, results, strict=True)
+                if item.push is None and isinstance(result, Answer)
+            ]
         earlier.update((job_id, outcomes[index]) for job_id, index in first_of.items())
         answers = [
             outcomes[index] if index in outcomes else earlier[item.job.job_id]
             for index, item in enumerate(claimed)
         ]
-        return answers, ran, announced
+        return answers, ran, announced, holdings
 
     async def _run(
         self,
@@ -187,12 +227,23 @@ class JobHandler:
         device_id: str,
         device: asyncpg.Record,
         claimed: Sequence[Claimed],
-    ) -> tuple[list[Answer], datetime | None]:
+    ) -> tuple[list[Outcome], datetime | None, list[Holding]]:
         """Read once for all of ``claimed``, decide per job, publish every batch in one
-        stream; all under the device's lock. Returns the answers and, when the batches
-        told the device to resync, the mark they announced."""
+        stream; all under the device's lock. The pushes in hand are served as one, for
+        what the device holds of their objects. Returns the answers, the resync mark the
+        batches announced (if they did) and what the device holds of followed objects."""
         session = _session(device["owner"], device_id)
-        union = list(dict.fromkeys(itertools.chain.from_iterable(c.targets for c in claimed)))
+        held = set(zip(device["held_entities"], device["held_ids"], strict=True))
+        jobs = [c for c in claimed if c.push is None]
+        pushes = [c for c in claimed if c.push is not None]
+        refreshed = [
+            key for key in dict.fromkeys(k for c in pushes for k in c.targets) if key in held
+        ]
+        union = list(
+            dict.fromkeys(
+                itertools.chain(itertools.chain.from_iterable(c.targets for c in jobs), refreshed)
+            )
+        )
         found = await fetch_rows(
             conn,
             self._policy,
@@ -201,15 +252,18 @@ class JobHandler:
             roles=frozenset(device["owner_roles"]),
             chunk_size=self._chunk_size,
         )
+        units = [(c.job, c.targets) for c in jobs]
+        if pushes:
+            units.append((pushes[0].job, refreshed))
         resync = _resync_change(device)
         per_job: list[tuple[SyncJob, Decision, list[EncodedBatch]]] = []
-        for position, item in enumerate(claimed):
-            decision = decide(item.job, item.targets, found)
+        for position, (job, targets) in enumerate(units):
+            decision = decide(job, targets, found)
             changes = decision.changes
             if resync is not None and position == 0:
                 changes = [resync.model_dump_json(), *changes]
-            batches = self._publisher.encode(item.job.job_id, device_id, changes)
-            per_job.append((item.job, decision, batches))
+            batches = self._publisher.encode(job.job_id, device_id, changes)
+            per_job.append((job, decision, batches))
         try:
             await self._publisher.publish(device_id, [b for _, _, bs in per_job for b in bs])
         except Unroutable:
@@ -218,20 +272,59 @@ class JobHandler:
             # The queue dead-lettered the refused batch, so the device gets marked for
             # a resync; the callers learn now.
             raise JobRejected("device-queue-full") from None
-        answers = [
+        answers: list[Outcome] = [
             done(job.job_id, decision, [batch.batch_id for batch in batches])
             for job, decision, batches in per_job
         ]
+        if pushes:
+            _log_pushed(device_id, pushes[0], per_job[-1][2])
+            # The other pushes in hand were served by the first one's run.
+            answers[len(jobs) :] = [answers[-1]] + [
+                answer_of(SyncResult(job_id=c.job.job_id, status="done")) for c in pushes[1:]
+            ]
+        holdings = self._holdings(found, [(d, job) for job, d, _ in per_job])
         # Released with the answers, still under the lock: no later job's batch is lost
         # unseen.
-        return answers, resync.since if resync is not None else None
+        return answers, resync.since if resync is not None else None, holdings
+
+    def _holdings(
+        self, found: dict[str, Found], decisions: Sequence[tuple[Decision, SyncJob]]
+    ) -> list[Holding]:
+        """What the device holds of followed objects after ``decisions``, the last one's
+        word on an object counting."""
+        holdings: dict[ObjectKey, Holding] = {}
+        for decision, _ in decisions:
+            for key, code in zip(decision.targets, decision.codes, strict=True):
+                if key[0] not in self._followed:
+                    continue
+                if code == SYNCED:
+                    entity = found[key[0]]
+                    row = entity.records[key[1]]
+                    readable = entity.readable(row[MATCHES]) or frozenset()
+                    holdings[key] = (*key, row[VERSION], ",".join(sorted(readable)))
+                elif code in _REMOVED:
+                    holdings[key] = (*key, None, None)
+        return list(holdings.values())
+
+
+def _log_pushed(device_id: str, push: Claimed, batches: Sequence[EncodedBatch]) -> None:
+    for batch in batches:
+        log.info(
+            "follow batch pushed",
+            extra={
+                "device_id": device_id,
+                "job_id": push.job.job_id,
+                "batch_id": batch.batch_id,
+                "cause": push.push,
+            },
+        )
 
 
 async def _let_go(conn: asyncpg.Connection, device_id: str) -> None:
     """Release the device after a run that failed. A connection that cannot do that is
     closed, which ends its session and so its lock."""
     try:
-        await conn.execute(_LET_GO, DEVICE_LOCK_CLASS, device_id, timeout=_LET_GO_TIMEOUT)
+        await conn.execute(LET_GO, DEVICE_LOCK_CLASS, device_id, timeout=_LET_GO_TIMEOUT)
     except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
         conn.terminate()
     except BaseException:

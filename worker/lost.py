@@ -17,6 +17,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from broker.delivery import retry_while_held
 from broker.settle import Reject, Settlement, settle
 from broker.topology import device_queue_name
+from worker.devices import mark_lost
 from worker.errors import TRANSIENT_ERRORS
 from worker.metrics import LOST_BATCHES
 
@@ -82,11 +83,5 @@ class LostBatchConsumer:
         )
 
     async def _mark(self, device_id: str, reason: str) -> bool:
-        # The first loss's time is kept: the device must resync everything since then.
-        await self._pool.execute(
-            "UPDATE sync.device SET resync_reason = $2, "
-            "resync_since = coalesce(resync_since, now()) WHERE device_id = $1",
-            device_id,
-            reason,
-        )
+        await mark_lost(self._pool, device_id, reason)
         return True

@@ -14,13 +14,18 @@ from __future__ import annotations
 
 from typing import Literal
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from worker.answers import Answer
 
 __all__ = [
     "BATCHES_PUBLISHED",
     "DEVICE_LOCK_WAIT",
+    "FOLLOW_BACKLOG",
+    "FOLLOW_CHANGES",
+    "FOLLOW_LAG",
+    "FOLLOW_LEADER",
+    "FOLLOW_PUSHES",
     "JOBS",
     "JOB_DURATION",
     "LOST_BATCHES",
@@ -52,6 +57,20 @@ DEVICE_LOCK_WAIT = Histogram(
 LOST_BATCHES = Counter(
     "sync_lost_batches_total", "Batches the broker dead-lettered from device queues."
 )
+FOLLOW_CHANGES = Counter(
+    "sync_follow_changes_total", "Captured changes the follow feed routed (this worker leading)."
+)
+FOLLOW_PUSHES = Counter(
+    "sync_follow_pushes_total", "Push jobs the follow feed published, one per device and chunk."
+)
+FOLLOW_LAG = Gauge(
+    "sync_follow_lag_seconds",
+    "Age of the oldest captured change the follow feed read last (0 when none waits).",
+)
+FOLLOW_BACKLOG = Gauge(
+    "sync_follow_backlog", "Captured changes waiting to be routed, as the leader saw last."
+)
+FOLLOW_LEADER = Gauge("sync_follow_leader", "1 while this worker leads the follow feed.")
 
 # Every label value from the start, so a rate() over a quiet series reads 0, not nothing.
 for _status in _STATUSES:

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from broker.errors import ConfigurationError
 from broker.models import ENTITY_NAME_PATTERN, MEMBER_NAME_PATTERN
-from worker.rules import Constraint, ConstraintError, check_constraint
+from worker.rules import Constraint, ConstraintError, Hop, check_constraint
 from worker.system import FILE_ENTITIES, SYSTEM_ENTITIES, USER_ENTITY
 
 __all__ = [
@@ -83,6 +83,8 @@ class Entity(_Spec):
     table: Annotated[str, Field(pattern=TABLE_PATTERN)] | None = None
     persistable: bool = True
     offline: bool = False
+    # Keep what devices hold of this entity fresh (SPEC §12, docs/follow.md).
+    follow: bool = False
     generalization: EntityName | None = None
     attributes: dict[MemberName, AttributeType] = Field(default_factory=dict)
     associations: dict[MemberName, Association] = Field(default_factory=dict)
@@ -160,6 +162,16 @@ class DomainModel(_Spec):
                 ) from None
         return Rule(frozenset(rule.roles), entity.readable(rule), constraint)
 
+    @property
+    def followed(self) -> dict[str, Entity]:
+        """The entities whose objects devices hold are kept fresh, by name."""
+        return {name: entity for name, entity in self.entities.items() if entity.follow}
+
+    def paths(self, name: str) -> tuple[tuple[Hop, ...], ...]:
+        """The association paths the constraints of entity ``name``'s rules follow."""
+        paths = (rule.constraint.paths for rule in self.rules(name) if rule.constraint)
+        return tuple(dict.fromkeys(path for group in paths for path in group))
+
     def is_file(self, name: str) -> bool:
         """True when ``name`` generalizes System.FileDocument or System.Image."""
         seen: set[str] = set()
@@ -219,6 +231,13 @@ def _check_references(model: DomainModel, source: str) -> None:
                     f"{where}.associations.{assoc_name}.to",
                     f"unknown entity {association.to!r}",
                 )
+        if entity.follow and model.why_not_syncable(name) is not None:
+            raise ModelError(
+                source,
+                f"{where}.follow",
+                f"only an offline, persistable entity can be followed "
+                f"({model.why_not_syncable(name)})",
+            )
         for position, rule in enumerate(entity.access):
             unknown = [] if rule.read == "*" else sorted(set(rule.read) - set(entity.members))
             if unknown:

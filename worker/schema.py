@@ -1,4 +1,5 @@
-"""``syncctl db init``: the ``sync`` schema, the version trigger, optionally the app tables."""
+"""``syncctl db init``: the ``sync`` schema, the version trigger, the follow capture,
+optionally the app tables."""
 
 from __future__ import annotations
 
@@ -7,103 +8,28 @@ import re
 
 import asyncpg
 
+from worker import capture, devices
+from worker.capture import DEFAULT_BACKLOG_LIMIT, install_capture
+from worker.devices import DEVICES_SQL
 from worker.model import AttributeType, DomainModel, Entity
 from worker.sql import quote_ident, quote_table
 
 __all__ = [
-    "DEVICE_LOCK_CLASS",
-    "RELEASE_DEVICE",
     "SYNC_SCHEMA_SQL",
-    "TAKE_DEVICE",
     "create_index_sqls",
     "create_table_sql",
     "create_worker_role",
     "init_database",
 ]
 
-# Namespaces the per-device advisory locks among any other advisory locks of the database.
-DEVICE_LOCK_CLASS = 0x5D0C
-# The routines workers take and release devices with, by signature.
-TAKE_DEVICE = "sync.take_device(text,text[])"
-RELEASE_DEVICE = "sync.release_device(text,text[],text[],timestamptz)"
-
-SYNC_SCHEMA_SQL = """
+SYNC_SCHEMA_SQL = (
+    """
 CREATE SCHEMA IF NOT EXISTS sync;
 CREATE TABLE IF NOT EXISTS sync.user_role (
     user_id bigint NOT NULL,
     role text NOT NULL,
     PRIMARY KEY (user_id, role)
 );
-CREATE TABLE IF NOT EXISTS sync.device (
-    device_id text PRIMARY KEY,
-    user_id bigint NOT NULL,
-    offline boolean NOT NULL DEFAULT true,
-    registered_at timestamptz NOT NULL DEFAULT now()
-);
--- Set when batches for the device were lost; cleared once it was told to resync.
-ALTER TABLE sync.device ADD COLUMN IF NOT EXISTS resync_reason text;
-ALTER TABLE sync.device ADD COLUMN IF NOT EXISTS resync_since timestamptz;
--- The answers of the jobs run, by device and job id, so a caller that retries with the
--- same job id gets the same answer and effect; workers forget them after a while.
-CREATE TABLE IF NOT EXISTS sync.job_result (
-    device_id text NOT NULL,
-    job_id text NOT NULL,
-    result text NOT NULL,
-    answered_at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (device_id, job_id)
-);
-CREATE INDEX IF NOT EXISTS job_result_answered_at ON sync.job_result (answered_at);
--- A worker takes a device with take_device and lets it go with release_device. The lock
--- is a session advisory lock, so a job's three statements (take, fetch, release) need no
--- transaction around them; each reads after the lock was taken, so it sees what the
--- previous holder committed. A frozen worker's session ends after idle_session_timeout,
--- and its lock with it.
-CREATE OR REPLACE FUNCTION sync.take_device(p_device text, p_jobs text[])
-RETURNS TABLE (taken boolean, known boolean, owner bigint, is_offline boolean,
-               lost_reason text, lost_since timestamptz, owner_roles text[],
-               answered_ids text[], answered_results text[])
-LANGUAGE plpgsql AS $$
-BEGIN
-    IF NOT pg_try_advisory_lock(DEVICE_LOCK_CLASS, hashtext(p_device)) THEN
-        RETURN QUERY SELECT false, false, NULL::bigint, NULL::boolean, NULL::text,
-                            NULL::timestamptz, NULL::text[], NULL::text[], NULL::text[];
-        RETURN;
-    END IF;
-    -- A statement of its own: its snapshot is taken now, after the lock.
-    RETURN QUERY
-    SELECT true, true, d.user_id, d.offline, d.resync_reason, d.resync_since,
-           ARRAY(SELECT r.role FROM sync.user_role r WHERE r.user_id = d.user_id),
-           coalesce(a.ids, '{}'), coalesce(a.results, '{}')
-    FROM sync.device d
-    LEFT JOIN LATERAL (
-        SELECT array_agg(j.job_id) AS ids, array_agg(j.result) AS results
-        FROM sync.job_result j WHERE j.device_id = d.device_id AND j.job_id = ANY(p_jobs)
-    ) a ON true
-    WHERE d.device_id = p_device;
-    IF NOT FOUND THEN
-        PERFORM pg_advisory_unlock(DEVICE_LOCK_CLASS, hashtext(p_device));
-        RETURN QUERY SELECT true, false, NULL::bigint, NULL::boolean, NULL::text,
-                            NULL::timestamptz, NULL::text[], NULL::text[], NULL::text[];
-    END IF;
-END
-$$;
--- Remembers the answers, clears a resync mark the device was just told about (unless a
--- newer loss moved it), commits, and only then lets the device go.
-CREATE OR REPLACE PROCEDURE sync.release_device(
-    p_device text, p_jobs text[], p_results text[], p_announced timestamptz)
-LANGUAGE plpgsql AS $$
-BEGIN
-    INSERT INTO sync.job_result (device_id, job_id, result)
-    SELECT p_device, t.job_id, t.result FROM unnest(p_jobs, p_results) AS t(job_id, result)
-    ON CONFLICT DO NOTHING;
-    IF p_announced IS NOT NULL THEN
-        UPDATE sync.device SET resync_reason = NULL, resync_since = NULL
-        WHERE device_id = p_device AND resync_since = p_announced;
-    END IF;
-    COMMIT;
-    PERFORM pg_advisory_unlock(DEVICE_LOCK_CLASS, hashtext(p_device));
-END
-$$;
 -- One sequence for all tables: a row's version only ever grows, in commit order per row.
 CREATE SEQUENCE IF NOT EXISTS sync.version_seq;
 CREATE OR REPLACE FUNCTION sync.bump_version() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -112,7 +38,9 @@ BEGIN
     RETURN NEW;
 END
 $$;
-""".replace("DEVICE_LOCK_CLASS", str(DEVICE_LOCK_CLASS))
+"""
+    + DEVICES_SQL
+)
 
 _ROLE_PATTERN = r"[a-z_][a-z0-9_]{0,62}"
 
@@ -166,11 +94,17 @@ def _trigger_sql(table: str) -> str:
 
 
 async def init_database(
-    conn: asyncpg.Connection, model: DomainModel, *, create_tables: bool = False
-) -> list[str]:
-    """Install the sync schema and a version trigger on each persistable table.
+    conn: asyncpg.Connection,
+    model: DomainModel,
+    *,
+    create_tables: bool = False,
+    backlog_limit: int = DEFAULT_BACKLOG_LIMIT,
+) -> tuple[list[str], list[str]]:
+    """Install the sync schema, a version trigger on each persistable table and the
+    follow capture where the model follows entities.
 
-    Returns the tables that got the trigger. Safe to run again.
+    Returns the tables that got the version trigger, and those captured for follow.
+    Safe to run again.
     """
     async with conn.transaction():
         await conn.execute(SYNC_SCHEMA_SQL)
@@ -180,15 +114,16 @@ async def init_database(
                 for statement in create_index_sqls(entity):
                     await conn.execute(statement)
             await conn.execute(_trigger_sql(table))
-    return list(model.tables)
+        captured = await install_capture(conn, model, backlog_limit=backlog_limit)
+    return list(model.tables), captured
 
 
 async def create_worker_role(
     conn: asyncpg.Connection, model: DomainModel, role: str, password: str
 ) -> None:
     """Create (or update) the role workers log in with: it reads the application tables and
-    ``sync``'s, and may write only the device's resync mark and the jobs' answers. Safe to
-    run again.
+    ``sync``'s, and may write only the device's resync mark, its holdings, the jobs'
+    answers and the follow feed's outbox. Safe to run again.
 
     Example::
 
@@ -213,13 +148,9 @@ async def create_worker_role(
         await conn.execute(statement)
         for schema in [*schemas, "sync"]:
             await conn.execute(f"GRANT USAGE ON SCHEMA {quote_ident(schema)} TO {grantee}")
-        await conn.execute(f"GRANT SELECT ON sync.device, sync.user_role TO {grantee}")
-        await conn.execute(
-            f"GRANT UPDATE (resync_reason, resync_since) ON sync.device TO {grantee}"
-        )
-        await conn.execute(f"GRANT SELECT, INSERT, DELETE ON sync.job_result TO {grantee}")
-        await conn.execute(f"GRANT EXECUTE ON FUNCTION {TAKE_DEVICE} TO {grantee}")
-        await conn.execute(f"GRANT EXECUTE ON PROCEDURE {RELEASE_DEVICE} TO {grantee}")
+        await conn.execute(f"GRANT SELECT ON sync.user_role TO {grantee}")
+        for grant in (*devices.WORKER_GRANTS, *capture.WORKER_GRANTS):
+            await conn.execute(grant.format(role=grantee))
         for table in tables:
             await conn.execute(f"GRANT SELECT ON {quote_table(table)} TO {grantee}")
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncpg
 
 from broker.errors import ProgramError
+from worker.devices import RELEASE_DEVICE, TAKE_DEVICE
 from worker.model import AttributeType, DomainModel, Entity
-from worker.schema import RELEASE_DEVICE, TAKE_DEVICE
 
 __all__ = ["SchemaMismatch", "check_schema", "schema_problems"]
 
@@ -28,6 +28,12 @@ _SYNC_TABLES = {
     "sync.device": ("device_id", "user_id", "offline"),
     "sync.user_role": ("user_id", "role"),
     "sync.job_result": ("device_id", "job_id", "result", "answered_at"),
+    "sync.holding": ("device_id", "entity", "object_id", "version", "members"),
+}
+# The follow feed's outbox (worker.capture), when the model follows entities.
+_FOLLOW_TABLES = {
+    "sync.change": ("seq", "entity", "object_id", "refs", "captured_at"),
+    "sync.follow_state": ("consumed", "backlog_limit", "overflowed_at"),
 }
 
 # The routines workers take and release devices with (worker.schema), as this role may run them.
@@ -87,13 +93,14 @@ async def schema_problems(conn: asyncpg.Connection, model: DomainModel) -> list[
     """Everything the model names that the database lacks, one line each (empty: all is
     there). Only what this role can read counts, as that is what a worker sees."""
     tables = [_qualified(table) for table in model.tables]
-    records = await conn.fetch(_COLUMNS, [*tables, *_SYNC_TABLES])
+    sync_tables = {**_SYNC_TABLES, **(_FOLLOW_TABLES if model.followed else {})}
+    records = await conn.fetch(_COLUMNS, [*tables, *sync_tables])
     found: dict[str, dict[str, str]] = {}
     for record in records:
         found.setdefault(record["qualified"], {})[record["column_name"]] = record["data_type"]
     problems = [
         f"table {table}: missing or not readable (run `syncctl db init`)"
-        for table, columns in _SYNC_TABLES.items()
+        for table, columns in sync_tables.items()
         if not set(columns) <= set(found.get(table, {}))
     ]
     problems += [

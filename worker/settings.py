@@ -22,6 +22,9 @@ class ServerSettings(BrokerSettings):
     management_url: str = "http://127.0.0.1:15673"
     # Password for the workers' read-only role, when `syncctl db init --worker-role` runs.
     worker_db_password: str | None = None
+    # Captured changes that may wait for the follow feed; past it, capture stops and the
+    # holding devices are told to resync (set by `syncctl db init`).
+    follow_backlog_limit: int = Field(default=1_000_000, ge=1_000)
 
     def model_path(self) -> Path:
         """The model file; ``ConfigurationError`` when none was given."""
@@ -63,3 +66,9 @@ class WorkerSettings(ServerSettings):
     trusted_publishers: tuple[str, ...] = ("sync",)
     # On SIGTERM, how long jobs in hand may take to finish before they are handed back.
     shutdown_grace: float = Field(default=30.0, ge=0)
+    # Follow (SPEC §12): the feed reads captured changes at most this often, so a hot
+    # row's updates coalesce into few pushes; at most this many at a time.
+    follow_interval: float = Field(default=0.1, ge=0, le=10)
+    follow_chunk: int = Field(default=5_000, ge=1, le=100_000)
+    # A leading worker frozen this long loses the feed to another.
+    follow_takeover: float = Field(default=15.0, ge=2)

@@ -6,6 +6,7 @@ from worker.rules.sql import (
     CURRENT_USER,
     Constraint,
     EntityShape,
+    Hop,
     Parameters,
     check_constraint,
 )
@@ -15,6 +16,7 @@ __all__ = [
     "Constraint",
     "ConstraintError",
     "EntityShape",
+    "Hop",
     "Parameters",
     "check_constraint",
     "parse",

@@ -26,6 +26,7 @@ __all__ = [
     "CURRENT_USER",
     "Constraint",
     "EntityShape",
+    "Hop",
     "Parameters",
     "check_constraint",
 ]
@@ -107,14 +108,27 @@ class Parameters:
 _PLACEHOLDER = re.compile(r"\$(\d+)::")
 
 
+@dataclass(frozen=True, slots=True)
+class Hop:
+    """One association hop of a path: from ``source`` to ``target`` through ``column``,
+    which ``source``'s table holds when ``forward``, else ``target``'s."""
+
+    source: str
+    column: str
+    forward: bool
+    target: str
+
+
 @dataclass(frozen=True)
 class Constraint:
-    """A constraint checked against the model once, at load: its text, and its SQL over
-    the table aliased ``t0`` with parameters numbered from ``$1``."""
+    """A constraint checked against the model once, at load: its text, its SQL over the
+    table aliased ``t0`` with parameters numbered from ``$1``, and the association paths
+    it follows (what a change elsewhere can change about the objects it matches)."""
 
     text: str
     template: str
     sources: tuple[Any, ...]
+    paths: tuple[tuple[Hop, ...], ...] = ()
 
     def sql(self, params: Parameters) -> str:
         """The condition, its parameters numbered after those ``params`` holds already."""
@@ -134,8 +148,9 @@ def check_constraint(text: str, *, entities: Mapping[str, EntityShape], entity: 
         # '(lower(t0."status") = lower($2::text)) IS TRUE'
     """
     params = Parameters()
-    template = _Compiler(text, entities, params).expr(parse(text), entity, "t0")
-    return Constraint(text, template, params.sources)
+    compiler = _Compiler(text, entities, params)
+    template = compiler.expr(parse(text), entity, "t0")
+    return Constraint(text, template, params.sources, tuple(dict.fromkeys(compiler.paths)))
 
 
 # What a path leads to.
@@ -186,6 +201,7 @@ class _Compiler:
         self._entities = entities
         self._params = params
         self._aliases = 0
+        self.paths: list[tuple[Hop, ...]] = []
 
     def _error(self, message: str, span: ast.Span) -> ConstraintError:
         return ConstraintError(message, self._text, span.start, span.end)
@@ -215,11 +231,14 @@ class _Compiler:
     def _walk(self, path: ast.Path, entity: str, alias: str) -> tuple[list[_Join], _Target]:
         """The joins a path needs and what it ends at; hops come in (association, entity) pairs."""
         joins: list[_Join] = []
+        hops: list[Hop] = []
         steps = path.steps
         while len(steps) >= 2:
             association, target = steps[0], steps[1]
             column, forward = self._hop(entity, association, target)
+            hops.append(Hop(entity, column, forward, target.name))
             if target.name == USER_ENTITY:
+                self.paths.append(tuple(hops))
                 return joins, self._user_end(f"{alias}.{quote_ident(column)}", steps[2:])
             table = self._table(target)
             self._aliases += 1
@@ -231,6 +250,8 @@ class _Compiler:
             )
             joins.append(_Join(table, new_alias, link))
             entity, alias, steps = target.name, new_alias, steps[2:]
+        if hops:
+            self.paths.append(tuple(hops))
         if not steps:
             return joins, _Object(entity, "TRUE")
         return joins, self._member(entity, alias, steps[0])

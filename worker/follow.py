@@ -1,0 +1,194 @@
+"""The follow feed (SPEC §12): one worker at a time reads the captured changes
+(``worker.capture``), finds the devices holding what they may change
+(``worker.impact``) and publishes, per device, a push job to ``sync.jobs``.
+
+A push is an ordinary job for the objects the device holds (``worker.handler``): served
+under the device's lock like any job, so pushes and jobs reach the device in the order
+they read, and the latest state wins. The feed deletes captured rows only after the
+broker confirmed their pushes, so a leader killed at any point loses nothing; a row
+routed twice makes a push that changes nothing on the device.
+
+Every worker runs a feed; the one holding a session advisory lock leads. A leader that
+dies drops its connection and with it the lock; a frozen one loses its session (and the
+lock) after ``follow_takeover`` seconds. The others try for the lock every second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from itertools import groupby
+
+import asyncpg
+from aio_pika.abc import AbstractExchange
+
+from broker.errors import ProgramError, Refused, Unroutable
+from broker.models import MAX_OBJECTS_PER_JOB, ObjectKey
+from broker.publishing import json_message, publish_confirmed
+from worker.capture import CHANNEL, backlog, forget, read_changes, start_over
+from worker.database import connect
+from worker.devices import DEVICE_LOCK_CLASS
+from worker.errors import TRANSIENT_ERRORS
+from worker.impact import Impact, Push
+from worker.metrics import FOLLOW_BACKLOG, FOLLOW_CHANGES, FOLLOW_LAG, FOLLOW_LEADER, FOLLOW_PUSHES
+from worker.model import DomainModel
+
+__all__ = ["FOLLOW_HEADER", "FollowFeed", "push_body"]
+
+log = logging.getLogger(__name__)
+
+# Marks a push job, with what caused it; honoured from trusted publishers only.
+FOLLOW_HEADER = "x-sync-follow"
+# The feed's lock: the device locks' class, key 0 is no device's (hashtext gives any int).
+_LEAD = "SELECT pg_try_advisory_lock($1, 0)"
+_LEAD_KEY = DEVICE_LOCK_CLASS + 1
+RETRY = 1.0
+# An idle leader still reads this often: notifications can be missed across a reconnect.
+POLL = 1.0
+
+
+async def _stand_by(conn: asyncpg.Connection) -> None:
+    """Until this session holds the feed's lock; asking often keeps the session alive."""
+    while True:
+        if await conn.fetchval(_LEAD, _LEAD_KEY):
+            return
+        await asyncio.sleep(RETRY)
+
+
+def push_body(job_id: str, device_id: str, user_id: int, keys: Iterable[ObjectKey]) -> bytes:
+    """A push job as JSON: a ``SyncJob`` listing the objects to refresh, by entity."""
+    lists = [
+        {"entity": entity, "ids": [object_id for _, object_id in group]}
+        for entity, group in groupby(sorted(keys), key=lambda key: key[0])
+    ]
+    job = {
+        "schema_version": 1,
+        "job_id": job_id,
+        "session": {"user_id": user_id, "device_id": device_id},
+        "origin": "nanoflow",
+        "lists": lists,
+    }
+    return json.dumps(job, separators=(",", ":")).encode()
+
+
+class FollowFeed:
+    """Leads the feed when this worker holds the lock; stands by otherwise.
+
+    Example::
+
+        feed = FollowFeed(settings.database_url, model, jobs_exchange, user_id="sync", ...)
+        task = asyncio.create_task(feed.run())
+    """
+
+    def __init__(
+        self,
+        database_url: str,
+        model: DomainModel,
+        jobs: AbstractExchange,
+        *,
+        name: str,
+        user_id: str | None,
+        interval: float,
+        chunk: int,
+        takeover: float,
+        publish_timeout: float,
+        window: int,
+    ) -> None:
+        self._url = database_url
+        self._name = name
+        self._impact = Impact(model)
+        self._jobs = jobs
+        self._user_id = user_id
+        self._interval = interval
+        self._chunk = chunk
+        self._takeover = takeover
+        self._publish_timeout = publish_timeout
+        self._window = window
+
+    async def run(self) -> None:
+        while True:
+            try:
+                conn = await connect(
+                    self._url,
+                    server_settings={
+                        # A frozen leader's session ends, and its lock with it.
+                        "idle_session_timeout": str(int(self._takeover * 1000)),
+                        # Says which worker leads (pg_stat_activity, with the lock).
+                        "application_name": f"{self._name} follow"[:63],
+                    },
+                )
+            except ProgramError as error:
+                log.warning("follow feed: no database", extra={"error": str(error)})
+                await asyncio.sleep(RETRY)
+                continue
+            try:
+                await _stand_by(conn)
+                FOLLOW_LEADER.set(1)
+                log.info("follow feed: leading")
+                await self._lead(conn)
+            except (*TRANSIENT_ERRORS, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+                log.warning("follow feed interrupted", extra={"error": repr(error)})
+            finally:
+                FOLLOW_LEADER.set(0)
+                conn.terminate()
+            await asyncio.sleep(RETRY)
+
+    async def _lead(self, conn: asyncpg.Connection) -> None:
+        wake = asyncio.Event()
+        await conn.add_listener(CHANNEL, lambda *_: wake.set())
+        while True:
+            started = time.monotonic()
+            marked = await start_over(conn)
+            if marked:
+                log.warning(
+                    "follow feed overflowed; devices told to resync", extra={"devices": len(marked)}
+                )
+                resyncs = {device: Push(owner, cause="follow overflow") for device, owner in marked}
+                await self._publish(f"follow.resync.{int(time.time())}", resyncs)
+            wake.clear()
+            captured = await read_changes(conn, self._chunk)
+            FOLLOW_BACKLOG.set(await backlog(conn))
+            if not captured.seqs:
+                FOLLOW_LAG.set(0)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), POLL)
+                continue
+            assert captured.oldest is not None
+            FOLLOW_LAG.set((datetime.now(UTC) - captured.oldest).total_seconds())
+            pushes = await self._impact.pushes(conn, captured)
+            await self._publish(f"follow.{captured.seqs[-1]}", pushes)
+            await forget(conn, captured.seqs)
+            FOLLOW_CHANGES.inc(len(captured.seqs))
+            # Changes that come meanwhile are read together: a hot row's updates coalesce.
+            await asyncio.sleep(max(0.0, self._interval - (time.monotonic() - started)))
+
+    async def _publish(self, job_id: str, pushes: dict[str, Push]) -> None:
+        messages = []
+        for device_id, push in pushes.items():
+            keys = list(push.keys)
+            for part, start in enumerate(range(0, len(keys), MAX_OBJECTS_PER_JOB)):
+                the_id = job_id if start == 0 else f"{job_id}.{part}"
+                body = push_body(
+                    the_id, device_id, push.user_id, keys[start : start + MAX_OBJECTS_PER_JOB]
+                )
+                messages.append(
+                    json_message(
+                        body,
+                        message_id=the_id,
+                        user_id=self._user_id,
+                        headers={FOLLOW_HEADER: push.cause},
+                    )
+                )
+        try:
+            await publish_confirmed(
+                self._jobs, messages, "", timeout=self._publish_timeout, window=self._window
+            )
+        except (Refused, Unroutable) as error:
+            # The jobs queue is full or missing: nothing is forgotten, the chunk is read again.
+            raise TimeoutError(f"pushes not accepted: {error}") from error
+        FOLLOW_PUSHES.inc(len(messages))
