@@ -17,10 +17,10 @@ import pytest
 
 from broker import ObjectRef, SyncClient
 from tests.conftest import (
+    WORKER_ROLE,
     Device,
     MakeDevice,
     Services,
-    WORKER_ROLE,
     insert,
     start_agent,
     stop_agent,
@@ -74,16 +74,24 @@ async def _world(pg: asyncpg.Connection) -> dict[str, int]:
     open_region = await insert(pg, "f_region", name="north", open=True)
     closed_region = await insert(pg, "f_region", name="south", open=False)
     customer = await insert(pg, "f_customer", name="acme", region_id=open_region)
-    order = await insert(pg, "f_order", title="pump", status="open", secret="s1",
-                         customer_id=customer)
-    other = await insert(pg, "f_order", title="valve", status="open", secret="s2",
-                         customer_id=customer)
-    return {"open": open_region, "closed": closed_region, "customer": customer,
-            "order": order, "other": other}
+    order = await insert(
+        pg, "f_order", title="pump", status="open", secret="s1", customer_id=customer
+    )
+    other = await insert(
+        pg, "f_order", title="valve", status="open", secret="s2", customer_id=customer
+    )
+    return {
+        "open": open_region,
+        "closed": closed_region,
+        "customer": customer,
+        "order": order,
+        "other": other,
+    }
 
 
-async def _until(device: Device, entity: str, object_id: int, expected: dict | None,
-                 timeout: float = 10.0) -> None:
+async def _until(
+    device: Device, entity: str, object_id: int, expected: dict | None, timeout: float = 10.0
+) -> None:
     async def reached() -> bool:
         return await device.store.get_committed(entity, object_id) == expected
 
@@ -97,10 +105,13 @@ async def test_an_update_reaches_the_holder_with_only_readable_members(
     clerk = await make_device(7, ["Clerk"])
     await sync_settled(client, clerk, [ObjectRef("Order", world["order"])])
     assert await clerk.store.get_committed("Order", world["order"]) == {
-        "title": "pump", "status": "open"}
+        "title": "pump",
+        "status": "open",
+    }
 
-    await fpg.execute("UPDATE f_order SET title = 'big pump', secret = 'changed' WHERE id = $1",
-                      world["order"])
+    await fpg.execute(
+        "UPDATE f_order SET title = 'big pump', secret = 'changed' WHERE id = $1", world["order"]
+    )
     await _until(clerk, "Order", world["order"], {"title": "big pump", "status": "open"})
 
 
@@ -123,7 +134,9 @@ async def test_losing_access_through_the_objects_own_attribute_removes_it(
     owner = await make_device(7, ["Owner"])
     await sync_settled(client, owner, [ObjectRef("Order", world["order"])])
     assert await owner.store.get_committed("Order", world["order"]) == {
-        "title": "pump", "secret": "s1"}
+        "title": "pump",
+        "secret": "s1",
+    }
 
     await fpg.execute("UPDATE f_order SET status = 'closed' WHERE id = $1", world["order"])
     await _until(owner, "Order", world["order"], None)
@@ -184,8 +197,12 @@ async def test_an_unfollowed_entity_and_objects_never_sent_are_not_pushed(
     await insert(fpg, "f_order", title="new", status="open", customer_id=world["customer"])
     # A change the device does get, after the others: once it is there, they were routed.
     await fpg.execute("UPDATE f_order SET title = 'marker' WHERE id = $1", world["order"])
-    await _until(boss, "Order", world["order"], {
-        "title": "marker", "status": "open", "secret": "s1", "Order_Customer": world["customer"]})
+    await _until(
+        boss,
+        "Order",
+        world["order"],
+        {"title": "marker", "status": "open", "secret": "s1", "Order_Customer": world["customer"]},
+    )
     assert await boss.store.get_committed("Memo", memo) == {"text": "first"}
     assert await boss.store.ids("Order") == [world["order"]]
     assert await fpg.fetchval("SELECT count(*) FROM sync.holding") == 1
@@ -242,8 +259,9 @@ async def test_a_burst_of_updates_converges_to_the_last_state_in_few_batches(
     before = await _applied(boss)
 
     for number in range(60):
-        await fpg.execute("UPDATE f_order SET title = $1 WHERE id = $2", f"v{number}",
-                          world["order"])
+        await fpg.execute(
+            "UPDATE f_order SET title = $1 WHERE id = $2", f"v{number}", world["order"]
+        )
         await asyncio.sleep(1 / 60)
     await wait_for(lambda: _title_is(boss, world["order"], "v59"))
     await asyncio.sleep(0.5)
@@ -254,9 +272,10 @@ async def test_a_burst_of_updates_converges_to_the_last_state_in_few_batches(
 
 async def _applied(device: Device) -> int:
     """Batches the device database records as applied."""
-    async with aiosqlite.connect(device.db_path) as db, db.execute(
-        "SELECT count(*) FROM applied_batches"
-    ) as cursor:
+    async with (
+        aiosqlite.connect(device.db_path) as db,
+        db.execute("SELECT count(*) FROM applied_batches") as cursor,
+    ):
         row = await cursor.fetchone()
     assert row is not None
     return int(row[0])
