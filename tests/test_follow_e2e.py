@@ -90,7 +90,11 @@ async def _world(pg: asyncpg.Connection) -> dict[str, int]:
 
 
 async def _until(
-    device: Device, entity: str, object_id: int, expected: dict | None, timeout: float = 10.0
+    device: Device,
+    entity: str,
+    object_id: int,
+    expected: dict[str, object] | None,
+    timeout: float = 10.0,
 ) -> None:
     async def reached() -> bool:
         return await device.store.get_committed(entity, object_id) == expected
@@ -247,7 +251,8 @@ async def test_a_device_offline_during_the_change_catches_up_when_its_agent_retu
 
 async def _queued(pg: asyncpg.Connection) -> bool:
     """The feed routed everything captured."""
-    return await pg.fetchval("SELECT count(*) FROM sync.change") == 0
+    waiting: int = await pg.fetchval("SELECT count(*) FROM sync.change")
+    return waiting == 0
 
 
 async def test_a_burst_of_updates_converges_to_the_last_state_in_few_batches(
