@@ -375,8 +375,15 @@ cmd_status() {
     return "$ok"
 }
 
+# A fault for the tests, for real: PostgreSQL stopped and started again, data kept.
+cmd_restart_postgresql() {
+    PG_BIN="$(pg_bin_dir)"
+    pg_stop
+    pg_start
+}
+
 usage() {
-    echo "usage: $0 {start|stop|status|env|rabbitmqctl ARGS...}" >&2
+    echo "usage: $0 {start|stop|status|env|restart-postgresql|rabbitmqctl ARGS...}" >&2
     exit 2
 }
 
@@ -392,6 +399,7 @@ main() {
         stop) cmd_stop ;;
         status) cmd_status ;;
         env) print_env ;;
+        restart-postgresql) cmd_restart_postgresql ;;
         *) usage ;;
     esac
 }

@@ -130,7 +130,8 @@ async def pg(services: Services, schema: None, amqp: object) -> AsyncIterator[as
         "RESTART IDENTITY"
     )
     yield conn
-    await conn.close()
+    # A test may have restarted PostgreSQL under this connection.
+    conn.terminate()
 
 
 @pytest.fixture
@@ -266,10 +267,15 @@ async def make_device(
         return device
 
     yield make
-    for device in devices:
-        await stop_agent(device)
-        await device.store.close()
-        await unregister_device(pg, amqp, accounts, device.device_id)
+    # A connection of its own: a test may have restarted PostgreSQL under the fixture's.
+    conn = await asyncpg.connect(services.database_url)
+    try:
+        for device in devices:
+            await stop_agent(device)
+            await device.store.close()
+            await unregister_device(conn, amqp, accounts, device.device_id)
+    finally:
+        await conn.close()
 
 
 async def start_agent(device: Device) -> None:

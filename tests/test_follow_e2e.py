@@ -8,20 +8,28 @@ watcher while a watch names them (a reverse hop); memos are not followed.
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aio_pika
 import aiosqlite
 import asyncpg
 import pytest
+from prometheus_client import REGISTRY
 
 from broker import ObjectRef, SyncClient
+from syncctl.accounts import BrokerAccounts
+from syncctl.devices import find_device, unregister_device
 from tests.conftest import (
+    ROOT,
     WORKER_ROLE,
     Device,
     MakeDevice,
     Services,
     insert,
+    run_process,
+    spawn_worker,
     start_agent,
     stop_agent,
     sync_settled,
@@ -29,6 +37,7 @@ from tests.conftest import (
     worker_settings,
 )
 from worker import DomainModel, Worker, parse_model
+from worker.devices import DEVICE_LOCK_CLASS
 from worker.schema import create_worker_role, init_database
 
 FOLLOW_MODEL = Path(__file__).with_name("follow_model.yaml")
@@ -284,3 +293,216 @@ async def _applied(device: Device) -> int:
         row = await cursor.fetchone()
     assert row is not None
     return int(row[0])
+
+
+async def test_a_change_while_the_first_sync_is_in_flight_still_reaches_the_device(
+    follow_worker: Worker,
+    client: SyncClient,
+    make_device: MakeDevice,
+    fpg: asyncpg.Connection,
+    services: Services,
+):
+    world = await _world(fpg)
+    boss = await make_device(7, ["Boss"])
+    blocker = await asyncpg.connect(services.database_url)
+    try:
+        # The job's answer cannot be written: it reads and publishes, then waits to let go.
+        transaction = blocker.transaction()
+        await transaction.start()
+        await blocker.execute("LOCK TABLE sync.job_result IN EXCLUSIVE MODE")
+        job = asyncio.create_task(
+            client.synchronize_to_device(boss.session, objects=[ObjectRef("Order", world["order"])])
+        )
+        await wait_for(lambda: _title_is(boss, world["order"], "pump"))
+        # Committed after the job read the order, before it recorded the holding.
+        await fpg.execute("UPDATE f_order SET title = 'meanwhile' WHERE id = $1", world["order"])
+        await wait_for(lambda: _queued(fpg))
+        await transaction.commit()
+        assert (await job).status == "done"
+    finally:
+        await blocker.close()
+    await wait_for(lambda: _title_is(boss, world["order"], "meanwhile"))
+
+
+async def test_the_server_counts_what_a_device_holds_and_forgets_it_with_the_device(
+    follow_worker: Worker,
+    client: SyncClient,
+    make_device: MakeDevice,
+    fpg: asyncpg.Connection,
+    amqp: aio_pika.abc.AbstractRobustChannel,
+    accounts: BrokerAccounts,
+):
+    world = await _world(fpg)
+    memo = await insert(fpg, "f_memo", text="not followed")
+    boss = await make_device(7, ["Boss"])
+    refs = [ObjectRef("Order", world["order"]), ObjectRef("Order", world["other"])]
+    await sync_settled(client, boss, [*refs, ObjectRef("Memo", memo)])
+    device = await find_device(fpg, boss.device_id)
+    assert device is not None and device["holdings"] == 2
+    held = await fpg.fetch(
+        "SELECT entity, object_id, members FROM sync.holding WHERE device_id = $1 "
+        "ORDER BY object_id",
+        boss.device_id,
+    )
+    members = sorted(["title", "status", "secret", "Order_Customer"])
+    assert [tuple(row) for row in held] == [
+        ("Order", world["order"], members),
+        ("Order", world["other"], members),
+    ]
+
+    assert await unregister_device(fpg, amqp, accounts, boss.device_id)
+    assert await fpg.fetchval("SELECT count(*) FROM sync.holding") == 0
+
+
+async def test_past_the_backlog_limit_holding_devices_are_told_to_resync(
+    services: Services,
+    follow_model: DomainModel,
+    client: SyncClient,
+    make_device: MakeDevice,
+    fpg: asyncpg.Connection,
+    clean_queues: None,
+):
+    world = await _world(fpg)
+    boss = await make_device(7, ["Boss"])
+    settings = worker_settings(services, model=FOLLOW_MODEL, follow_interval=0.05)
+    worker = await Worker.start(settings, follow_model)
+    try:
+        await sync_settled(client, boss, [ObjectRef("Order", world["order"])])
+    finally:
+        await worker.stop()
+    await fpg.execute("UPDATE sync.follow_state SET backlog_limit = 5")
+    try:
+        # The feed is down: the changes wait, up to the limit; past it capture stops.
+        for number in range(10):
+            await fpg.execute(
+                "UPDATE f_order SET title = $1 WHERE id = $2", f"v{number}", world["order"]
+            )
+        assert await fpg.fetchval("SELECT overflowed_at IS NOT NULL FROM sync.follow_state")
+        assert await fpg.fetchval("SELECT count(*) FROM sync.change") <= 6
+        worker = await Worker.start(settings, follow_model)
+        try:
+            await wait_for(lambda: _resync_is(boss, "follow-overflow"))
+            assert not await fpg.fetchval("SELECT overflowed_at IS NOT NULL FROM sync.follow_state")
+            # Capture goes on after the overflow.
+            await fpg.execute("UPDATE f_order SET title = 'after' WHERE id = $1", world["order"])
+            await wait_for(lambda: _title_is(boss, world["order"], "after"))
+        finally:
+            await worker.stop()
+    finally:
+        await fpg.execute("UPDATE sync.follow_state SET backlog_limit = 1000000")
+
+
+async def _resync_is(device: Device, reason: str) -> bool:
+    return await device.store.resync_required() == reason
+
+
+async def test_the_feed_reports_its_changes_in_metrics(
+    follow_worker: Worker, client: SyncClient, make_device: MakeDevice, fpg: asyncpg.Connection
+):
+    world = await _world(fpg)
+    boss = await make_device(7, ["Boss"])
+    await sync_settled(client, boss, [ObjectRef("Order", world["order"])])
+    await wait_for(lambda: _queued(fpg))
+    before = _sample("sync_follow_changes_total")
+
+    await fpg.execute("UPDATE f_order SET title = 'x' WHERE id = $1", world["order"])
+    await wait_for(lambda: _title_is(boss, world["order"], "x"))
+    assert _sample("sync_follow_changes_total") >= before + 1
+    assert _sample("sync_follow_leader") == 1
+    assert _sample("sync_follow_backlog") is not None
+    assert _sample("sync_follow_lag_seconds") is not None
+
+
+def _sample(name: str) -> float:
+    value = REGISTRY.get_sample_value(name)
+    assert value is not None, name
+    return value
+
+
+# The session holding the feed's lock (classid, objid = the two keys; objsubid 2).
+_LEADER = """
+SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.granted AND l.classid = $1 AND l.objid = 0
+  AND l.objsubid = 2
+"""
+
+
+async def _leader(pg: asyncpg.Connection) -> str | None:
+    name: str | None = await pg.fetchval(_LEADER, DEVICE_LOCK_CLASS + 1)
+    return name.removesuffix(" follow") if name else None
+
+
+async def _burst(pg: asyncpg.Connection, ids: list[int], numbers: range) -> None:
+    for number in numbers:
+        await pg.execute(
+            "UPDATE f_order SET title = $1 WHERE id = ANY($2::bigint[])", f"v{number}", ids
+        )
+        await asyncio.sleep(0.01)
+
+
+async def test_the_leading_worker_killed_mid_burst_misses_nothing(
+    services: Services,
+    client: SyncClient,
+    make_device: MakeDevice,
+    fpg: asyncpg.Connection,
+    clean_queues: None,
+):
+    world = await _world(fpg)
+    boss = await make_device(7, ["Boss"])
+    workers = {}
+    for _ in range(2):
+        name = f"follow-{uuid.uuid4().hex[:8]}"
+        workers[name] = await spawn_worker(services, name, model=FOLLOW_MODEL, follow_interval=0.05)
+    try:
+        ids = [world["order"], world["other"]]
+        await sync_settled(client, boss, [ObjectRef("Order", i) for i in ids])
+        await wait_for(lambda: _has_leader(fpg), timeout=20)
+        leader = await _leader(fpg)
+        assert leader in workers
+
+        await _burst(fpg, ids, range(40))
+        workers[leader].kill()
+        await workers[leader].wait()
+        await _burst(fpg, ids, range(40, 80))
+        await fpg.execute("DELETE FROM f_order WHERE id = $1", world["other"])
+
+        await wait_for(lambda: _title_is(boss, world["order"], "v79"), timeout=30)
+        await _until(boss, "Order", world["other"], None, timeout=30)
+        assert await _leader(fpg) not in (None, leader)
+    finally:
+        for process in workers.values():
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+
+
+async def _has_leader(pg: asyncpg.Connection) -> bool:
+    return await _leader(pg) is not None
+
+
+async def test_postgresql_restarted_mid_feed_misses_nothing(
+    follow_worker: Worker,
+    client: SyncClient,
+    make_device: MakeDevice,
+    fpg: asyncpg.Connection,
+    services: Services,
+):
+    world = await _world(fpg)
+    boss = await make_device(7, ["Boss"])
+    ids = [world["order"], world["other"]]
+    await sync_settled(client, boss, [ObjectRef("Order", i) for i in ids])
+
+    await _burst(fpg, ids, range(30))
+    restart = await run_process(
+        "bash", str(ROOT / "scripts" / "services.sh"), "restart-postgresql", cwd=ROOT, timeout=120
+    )
+    assert restart.code == 0, restart.stderr
+    conn = await asyncpg.connect(services.database_url)
+    try:
+        await _burst(conn, ids, range(30, 60))
+        await conn.execute("DELETE FROM f_order WHERE id = $1", world["other"])
+    finally:
+        await conn.close()
+
+    await wait_for(lambda: _title_is(boss, world["order"], "v59"), timeout=60)
+    await _until(boss, "Order", world["other"], None, timeout=60)

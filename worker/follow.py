@@ -115,6 +115,8 @@ class FollowFeed:
             try:
                 conn = await connect(
                     self._url,
+                    # A statement that hangs (a server gone mid-reply) ends the lead too.
+                    command_timeout=self._takeover,
                     server_settings={
                         # A frozen leader's session ends, and its lock with it.
                         "idle_session_timeout": str(int(self._takeover * 1000)),
@@ -133,6 +135,9 @@ class FollowFeed:
                 await self._lead(conn)
             except (*TRANSIENT_ERRORS, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
                 log.warning("follow feed interrupted", extra={"error": repr(error)})
+            except Exception:
+                # A bug: said loudly, and the feed goes on rather than stop for good.
+                log.exception("follow feed failed")
             finally:
                 FOLLOW_LEADER.set(0)
                 conn.terminate()
@@ -171,18 +176,14 @@ class FollowFeed:
         messages = []
         for device_id, push in pushes.items():
             keys = list(push.keys)
-            for part, start in enumerate(range(0, len(keys), MAX_OBJECTS_PER_JOB)):
-                the_id = job_id if start == 0 else f"{job_id}.{part}"
-                body = push_body(
-                    the_id, device_id, push.user_id, keys[start : start + MAX_OBJECTS_PER_JOB]
-                )
+            # At least one job per device: an empty one announces a resync mark.
+            for part, start in enumerate(range(0, max(1, len(keys)), MAX_OBJECTS_PER_JOB)):
+                the_id = job_id if part == 0 else f"{job_id}.{part}"
+                part_keys = keys[start : start + MAX_OBJECTS_PER_JOB]
+                body = push_body(the_id, device_id, push.user_id, part_keys)
+                headers = {FOLLOW_HEADER: push.cause}
                 messages.append(
-                    json_message(
-                        body,
-                        message_id=the_id,
-                        user_id=self._user_id,
-                        headers={FOLLOW_HEADER: push.cause},
-                    )
+                    json_message(body, message_id=the_id, user_id=self._user_id, headers=headers)
                 )
         try:
             await publish_confirmed(
