@@ -100,16 +100,21 @@ def model() -> DomainModel:
     return parse_model(MODEL_PATH.read_text(), str(MODEL_PATH))
 
 
-@pytest.fixture(scope="session")
-async def schema(services: Services, model: DomainModel) -> None:
+async def install_model(services: Services, model: DomainModel, tables: Iterable[str]) -> None:
+    """Fresh application ``tables`` for ``model``, the sync schema, the worker role."""
     conn = await asyncpg.connect(services.database_url)
     try:
-        for table in APP_TABLES:
+        for table in tables:
             await conn.execute(f"DROP TABLE IF EXISTS {table}")
         await init_database(conn, model, create_tables=True)
         await create_worker_role(conn, model, WORKER_ROLE, WORKER_ROLE)
     finally:
         await conn.close()
+
+
+@pytest.fixture(scope="session")
+async def schema(services: Services, model: DomainModel) -> None:
+    await install_model(services, model, APP_TABLES)
 
 
 @pytest.fixture(scope="session")

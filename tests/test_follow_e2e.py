@@ -23,11 +23,11 @@ from syncctl.accounts import BrokerAccounts
 from syncctl.devices import find_device, unregister_device
 from tests.conftest import (
     ROOT,
-    WORKER_ROLE,
     Device,
     MakeDevice,
     Services,
     insert,
+    install_model,
     run_process,
     spawn_worker,
     start_agent,
@@ -38,7 +38,6 @@ from tests.conftest import (
 )
 from worker import DomainModel, Worker, parse_model
 from worker.devices import DEVICE_LOCK_CLASS
-from worker.schema import create_worker_role, init_database
 
 FOLLOW_MODEL = Path(__file__).with_name("follow_model.yaml")
 TABLES = ("f_order", "f_customer", "f_region", "f_watch", "f_memo")
@@ -51,14 +50,7 @@ def follow_model() -> DomainModel:
 
 @pytest.fixture(scope="session")
 async def follow_schema(services: Services, schema: None, follow_model: DomainModel) -> None:
-    conn = await asyncpg.connect(services.database_url)
-    try:
-        for table in TABLES:
-            await conn.execute(f"DROP TABLE IF EXISTS {table}")
-        await init_database(conn, follow_model, create_tables=True)
-        await create_worker_role(conn, follow_model, WORKER_ROLE, WORKER_ROLE)
-    finally:
-        await conn.close()
+    await install_model(services, follow_model, TABLES)
 
 
 @pytest.fixture
@@ -98,6 +90,16 @@ async def _world(pg: asyncpg.Connection) -> dict[str, int]:
     }
 
 
+async def _holding(
+    client: SyncClient, make_device: MakeDevice, pg: asyncpg.Connection, role: str
+) -> tuple[dict[str, int], Device]:
+    """The world, and a device of user 7 with ``role`` that was sent its first order."""
+    world = await _world(pg)
+    device = await make_device(7, [role])
+    await sync_settled(client, device, [ObjectRef("Order", world["order"])])
+    return world, device
+
+
 async def _until(
     device: Device,
     entity: str,
@@ -114,9 +116,7 @@ async def _until(
 async def test_an_update_reaches_the_holder_with_only_readable_members(
     follow_worker: Worker, client: SyncClient, make_device: MakeDevice, fpg: asyncpg.Connection
 ):
-    world = await _world(fpg)
-    clerk = await make_device(7, ["Clerk"])
-    await sync_settled(client, clerk, [ObjectRef("Order", world["order"])])
+    world, clerk = await _holding(client, make_device, fpg, "Clerk")
     assert await clerk.store.get_committed("Order", world["order"]) == {
         "title": "pump",
         "status": "open",
@@ -131,9 +131,7 @@ async def test_an_update_reaches_the_holder_with_only_readable_members(
 async def test_a_delete_removes_the_object_from_the_holder(
     follow_worker: Worker, client: SyncClient, make_device: MakeDevice, fpg: asyncpg.Connection
 ):
-    world = await _world(fpg)
-    boss = await make_device(7, ["Boss"])
-    await sync_settled(client, boss, [ObjectRef("Order", world["order"])])
+    world, boss = await _holding(client, make_device, fpg, "Boss")
 
     await fpg.execute("DELETE FROM f_order WHERE id = $1", world["order"])
     await _until(boss, "Order", world["order"], None)
@@ -143,9 +141,7 @@ async def test_a_delete_removes_the_object_from_the_holder(
 async def test_losing_access_through_the_objects_own_attribute_removes_it(
     follow_worker: Worker, client: SyncClient, make_device: MakeDevice, fpg: asyncpg.Connection
 ):
-    world = await _world(fpg)
-    owner = await make_device(7, ["Owner"])
-    await sync_settled(client, owner, [ObjectRef("Order", world["order"])])
+    world, owner = await _holding(client, make_device, fpg, "Owner")
     assert await owner.store.get_committed("Order", world["order"]) == {
         "title": "pump",
         "secret": "s1",
@@ -189,9 +185,7 @@ async def test_moving_a_related_object_away_removes_what_it_granted(
 async def test_losing_a_role_removes_what_it_granted(
     follow_worker: Worker, client: SyncClient, make_device: MakeDevice, fpg: asyncpg.Connection
 ):
-    world = await _world(fpg)
-    boss = await make_device(7, ["Boss"])
-    await sync_settled(client, boss, [ObjectRef("Order", world["order"])])
+    world, boss = await _holding(client, make_device, fpg, "Boss")
 
     await fpg.execute("DELETE FROM sync.user_role WHERE user_id = 7")
     await _until(boss, "Order", world["order"], None)
@@ -224,9 +218,7 @@ async def test_an_unfollowed_entity_and_objects_never_sent_are_not_pushed(
 async def test_the_apps_uncommitted_changes_survive_a_push(
     follow_worker: Worker, client: SyncClient, make_device: MakeDevice, fpg: asyncpg.Connection
 ):
-    world = await _world(fpg)
-    boss = await make_device(7, ["Boss"])
-    await sync_settled(client, boss, [ObjectRef("Order", world["order"])])
+    world, boss = await _holding(client, make_device, fpg, "Boss")
     await boss.store.change("Order", world["order"], status="draft on device")
 
     await fpg.execute("UPDATE f_order SET title = 'from server' WHERE id = $1", world["order"])
@@ -244,9 +236,7 @@ async def _title_is(device: Device, object_id: int, title: str) -> bool:
 async def test_a_device_offline_during_the_change_catches_up_when_its_agent_returns(
     follow_worker: Worker, client: SyncClient, make_device: MakeDevice, fpg: asyncpg.Connection
 ):
-    world = await _world(fpg)
-    boss = await make_device(7, ["Boss"])
-    await sync_settled(client, boss, [ObjectRef("Order", world["order"])])
+    world, boss = await _holding(client, make_device, fpg, "Boss")
     await stop_agent(boss)
 
     await fpg.execute("UPDATE f_order SET title = 'while away' WHERE id = $1", world["order"])
@@ -267,9 +257,7 @@ async def _queued(pg: asyncpg.Connection) -> bool:
 async def test_a_burst_of_updates_converges_to_the_last_state_in_few_batches(
     follow_worker: Worker, client: SyncClient, make_device: MakeDevice, fpg: asyncpg.Connection
 ):
-    world = await _world(fpg)
-    boss = await make_device(7, ["Boss"])
-    await sync_settled(client, boss, [ObjectRef("Order", world["order"])])
+    world, boss = await _holding(client, make_device, fpg, "Boss")
     before = await _applied(boss)
 
     for number in range(60):
@@ -399,9 +387,7 @@ async def _resync_is(device: Device, reason: str) -> bool:
 async def test_the_feed_reports_its_changes_in_metrics(
     follow_worker: Worker, client: SyncClient, make_device: MakeDevice, fpg: asyncpg.Connection
 ):
-    world = await _world(fpg)
-    boss = await make_device(7, ["Boss"])
-    await sync_settled(client, boss, [ObjectRef("Order", world["order"])])
+    world, boss = await _holding(client, make_device, fpg, "Boss")
     await wait_for(lambda: _queued(fpg))
     before = _sample("sync_follow_changes_total")
 
