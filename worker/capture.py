@@ -12,7 +12,8 @@ committed state whatever order captured rows are read in.
 
 The outbox is bounded: once more than ``sync.follow_state.backlog_limit`` rows wait, the
 triggers stop writing and mark the feed overflowed; the leader then tells every holding
-device to resync and starts over (``docs/follow.md``).
+device to resync and starts over (``docs/follow.md``). A ``TRUNCATE`` of a captured
+table names no rows, so it marks the feed overflowed too.
 """
 
 from __future__ import annotations
@@ -100,6 +101,15 @@ BEGIN
     RETURN NULL;
 END
 $$;
+-- TRUNCATE runs no row triggers and names no rows: every holding device must resync.
+CREATE OR REPLACE FUNCTION sync.capture_truncate() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    UPDATE sync.follow_state SET overflowed_at = clock_timestamp() WHERE overflowed_at IS NULL;
+    PERFORM pg_notify('{CHANNEL}', '');
+    RETURN NULL;
+END
+$$;
 """
 
 # What the feed's leader needs: read and delete captured rows, and start over.
@@ -109,10 +119,12 @@ WORKER_GRANTS = (
 )
 
 _KIND = "SELECT relkind::text FROM pg_class WHERE oid = to_regclass($1)"
+# (event, transition table, function): one statement trigger each.
 _EVENTS = (
-    ("insert", "NEW TABLE AS new_rows"),
-    ("update", "OLD TABLE AS old_rows"),
-    ("delete", "OLD TABLE AS old_rows"),
+    ("insert", "REFERENCING NEW TABLE AS new_rows", "sync.capture"),
+    ("update", "REFERENCING OLD TABLE AS old_rows", "sync.capture"),
+    ("delete", "REFERENCING OLD TABLE AS old_rows", "sync.capture"),
+    ("truncate", "", "sync.capture_truncate"),
 )
 
 
@@ -165,7 +177,7 @@ async def install_capture(
         if table == _USER_ROLE_TABLE and await conn.fetchval(_KIND, table) != "r":
             continue
         spec = specs.get(table)
-        for event, transition in _EVENTS:
+        for event, transition, function in _EVENTS:
             name = f"sync_capture_{event}"
             if spec is None:
                 await conn.execute(f"DROP TRIGGER IF EXISTS {name} ON {quote_table(table)}")
@@ -175,8 +187,7 @@ async def install_capture(
             )
             await conn.execute(
                 f"CREATE OR REPLACE TRIGGER {name} AFTER {event.upper()} ON {quote_table(table)} "
-                f"REFERENCING {transition} FOR EACH STATEMENT "
-                f"EXECUTE FUNCTION sync.capture({arguments})"
+                f"{transition} FOR EACH STATEMENT EXECUTE FUNCTION {function}({arguments})"
             )
         if spec is not None:
             captured.append(table)
