@@ -38,6 +38,8 @@ from tests.conftest import (
 )
 from worker import DomainModel, Worker, parse_model
 from worker.devices import DEVICE_LOCK_CLASS
+from worker.schema import init_database
+from worker.schema_check import schema_problems
 
 FOLLOW_MODEL = Path(__file__).with_name("follow_model.yaml")
 TABLES = ("f_order", "f_customer", "f_region", "f_watch", "f_memo")
@@ -504,3 +506,51 @@ async def test_a_truncate_of_a_followed_table_tells_holding_devices_to_resync(
     await fpg.execute("TRUNCATE f_order")
     await wait_for(lambda: _resync_is(boss, "follow-overflow"))
     assert await boss.store.ids("Order") == [world["order"]]
+
+
+async def test_a_push_that_would_change_nothing_on_the_device_is_not_sent(
+    follow_worker: Worker, client: SyncClient, make_device: MakeDevice, fpg: asyncpg.Connection
+):
+    world, boss = await _holding(client, make_device, fpg, "Boss")
+    await wait_for(lambda: _queued(fpg))
+    before = await _applied(boss)
+
+    # A role that grants nothing: the holding is re-read, and is as the device has it.
+    await fpg.execute("INSERT INTO sync.user_role VALUES (7, 'Visitor')")
+    await wait_for(lambda: _queued(fpg))
+    await fpg.execute("UPDATE f_order SET title = 'after' WHERE id = $1", world["order"])
+    await wait_for(lambda: _title_is(boss, world["order"], "after"))
+    assert await _applied(boss) == before + 1
+
+
+async def test_the_worker_refuses_a_database_whose_capture_does_not_match_the_model(
+    fpg: asyncpg.Connection, follow_model: DomainModel
+):
+    await fpg.execute("DROP TRIGGER sync_capture_update ON f_region")
+    try:
+        assert await schema_problems(fpg, follow_model) == [
+            "table f_region: its follow capture is missing or out of date (run `syncctl db init`)"
+        ]
+    finally:
+        await init_database(fpg, follow_model)
+    assert await schema_problems(fpg, follow_model) == []
+
+
+async def test_db_init_keeps_the_backlog_limit_and_forgets_what_is_no_longer_followed(
+    fpg: asyncpg.Connection, follow_model: DomainModel, make_device: MakeDevice
+):
+    device = await make_device(7, ["Boss"], run_agent=False)
+    await fpg.execute(
+        "INSERT INTO sync.holding VALUES ($1, 'Memo', 1, 5, '{text}'), ($1, 'Order', 1, 5, '{}')",
+        device.device_id,
+    )
+    await init_database(fpg, follow_model, backlog_limit=5000)
+    await init_database(fpg, follow_model)
+    try:
+        assert await fpg.fetchval("SELECT backlog_limit FROM sync.follow_state") == 5000
+        held = await fpg.fetch(
+            "SELECT entity FROM sync.holding WHERE device_id = $1", device.device_id
+        )
+        assert [row["entity"] for row in held] == ["Order"]
+    finally:
+        await init_database(fpg, follow_model, backlog_limit=1_000_000)

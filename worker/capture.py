@@ -38,6 +38,7 @@ __all__ = [
     "CaptureSpec",
     "Captured",
     "backlog",
+    "capture_problems",
     "capture_specs",
     "forget",
     "install_capture",
@@ -80,7 +81,14 @@ BEGIN
     IF state.overflowed_at IS NOT NULL THEN
         RETURN NULL;
     END IF;
-    IF TG_OP = 'INSERT' THEN
+    -- Most tables: the rows' own ids, no old values to keep (no row turned into JSON).
+    IF TG_NARGS = 2 AND TG_ARGV[1] = 'id' THEN
+        IF TG_OP = 'INSERT' THEN
+            INSERT INTO sync.change (entity, object_id) SELECT TG_ARGV[0], n.id FROM new_rows n;
+        ELSE
+            INSERT INTO sync.change (entity, object_id) SELECT TG_ARGV[0], o.id FROM old_rows o;
+        END IF;
+    ELSIF TG_OP = 'INSERT' THEN
         INSERT INTO sync.change (entity, object_id)
         SELECT TG_ARGV[0], (to_jsonb(n) ->> TG_ARGV[1])::bigint FROM new_rows n;
     ELSE
@@ -163,18 +171,29 @@ def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+def _arguments(spec: CaptureSpec) -> list[str]:
+    return [spec.entity, spec.id_column, *sorted(spec.refs)]
+
+
+async def _capturable(conn: asyncpg.Connection, table: str) -> bool:
+    """A table can carry the triggers; ``sync.user_role`` may be a view (docs/roles.md)."""
+    return table != _USER_ROLE_TABLE or await conn.fetchval(_KIND, table) == "r"
+
+
 async def install_capture(
-    conn: asyncpg.Connection, model: DomainModel, *, backlog_limit: int = DEFAULT_BACKLOG_LIMIT
+    conn: asyncpg.Connection, model: DomainModel, *, backlog_limit: int | None = None
 ) -> list[str]:
     """Install the outbox and a capture trigger on every table that needs one, and drop
-    it from the model's tables that no longer do. Returns the tables captured; a
-    ``sync.user_role`` that is a view cannot be, and is left out."""
+    it from the model's tables that no longer do; ``backlog_limit`` replaces the outbox's
+    bound when given. Returns the tables captured; a ``sync.user_role`` that is a view
+    cannot be, and is left out."""
     await conn.execute(CAPTURE_SQL)
-    await conn.execute("UPDATE sync.follow_state SET backlog_limit = $1", backlog_limit)
+    if backlog_limit is not None:
+        await conn.execute("UPDATE sync.follow_state SET backlog_limit = $1", backlog_limit)
     specs = capture_specs(model)
     captured = []
     for table in [*model.tables, _USER_ROLE_TABLE]:
-        if table == _USER_ROLE_TABLE and await conn.fetchval(_KIND, table) != "r":
+        if not await _capturable(conn, table):
             continue
         spec = specs.get(table)
         for event, transition, function in _EVENTS:
@@ -182,9 +201,7 @@ async def install_capture(
             if spec is None:
                 await conn.execute(f"DROP TRIGGER IF EXISTS {name} ON {quote_table(table)}")
                 continue
-            arguments = ", ".join(
-                _literal(value) for value in [spec.entity, spec.id_column, *sorted(spec.refs)]
-            )
+            arguments = ", ".join(_literal(value) for value in _arguments(spec))
             await conn.execute(
                 f"CREATE OR REPLACE TRIGGER {name} AFTER {event.upper()} ON {quote_table(table)} "
                 f"{transition} FOR EACH STATEMENT EXECUTE FUNCTION {function}({arguments})"
@@ -192,6 +209,35 @@ async def install_capture(
         if spec is not None:
             captured.append(table)
     return captured
+
+
+_TRIGGERS = """
+SELECT t.name, g.tgname, g.tgargs FROM unnest($1::text[]) AS t(name)
+JOIN pg_trigger g ON g.tgrelid = to_regclass(t.name) AND g.tgname LIKE 'sync\\_capture\\_%'
+"""
+
+
+async def capture_problems(conn: asyncpg.Connection, model: DomainModel) -> list[str]:
+    """The followed model's capture triggers that are missing or were installed for another
+    model (its paths changed): changes there would never reach devices."""
+    specs = {
+        table: spec
+        for table, spec in capture_specs(model).items()
+        if await _capturable(conn, table)
+    }
+    found: dict[str, dict[str, bytes]] = {}
+    for record in await conn.fetch(_TRIGGERS, [quote_table(table) for table in specs]):
+        found.setdefault(record["name"], {})[record["tgname"]] = bytes(record["tgargs"])
+    problems = []
+    for table, spec in specs.items():
+        expected = b"".join(argument.encode() + b"\0" for argument in _arguments(spec))
+        triggers = found.get(quote_table(table), {})
+        if any(triggers.get(f"sync_capture_{event}") != expected for event, _, _ in _EVENTS):
+            problems.append(
+                f"table {table}: its follow capture is missing or out of date "
+                "(run `syncctl db init`)"
+            )
+    return problems
 
 
 @dataclass(frozen=True, slots=True)

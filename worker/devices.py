@@ -29,6 +29,7 @@ __all__ = [
     "WORKER_GRANTS",
     "delete_device",
     "find_device",
+    "forget_unfollowed",
     "holders_sql",
     "list_devices",
     "mark_lost",
@@ -83,20 +84,22 @@ DROP PROCEDURE IF EXISTS sync.release_device(text, text[], text[], timestamptz);
 --
 -- take_device also marks the followed objects the jobs name as pending holdings (p_pend_*)
 -- before they are read, and says which objects a follow push names the device holds
--- (p_push_* -> held_*): a push only ever refreshes what the device was sent.
+-- (p_push_* -> held_*, with the version and members sent): a push only ever refreshes
+-- what the device was sent, and skips what it holds as it is.
 CREATE OR REPLACE FUNCTION sync.take_device(
     p_device text, p_jobs text[], p_pend_entities text[], p_pend_ids bigint[],
     p_push_entities text[], p_push_ids bigint[])
 RETURNS TABLE (taken boolean, known boolean, owner bigint, is_offline boolean,
                lost_reason text, lost_since timestamptz, owner_roles text[],
                answered_ids text[], answered_results text[],
-               held_entities text[], held_ids bigint[])
+               held_entities text[], held_ids bigint[], held_versions bigint[],
+               held_members text[])
 LANGUAGE plpgsql AS $$
 BEGIN
     IF NOT pg_try_advisory_lock(DEVICE_LOCK_CLASS, hashtext(p_device)) THEN
         RETURN QUERY SELECT false, false, NULL::bigint, NULL::boolean, NULL::text,
                             NULL::timestamptz, NULL::text[], NULL::text[], NULL::text[],
-                            NULL::text[], NULL::bigint[];
+                            NULL::text[], NULL::bigint[], NULL::bigint[], NULL::text[];
         RETURN;
     END IF;
     -- Under the lock no run of this device is in flight: pending rows are leftovers.
@@ -106,14 +109,17 @@ BEGIN
     SELECT true, true, d.user_id, d.offline, d.resync_reason, d.resync_since,
            ARRAY(SELECT r.role FROM sync.user_role r WHERE r.user_id = d.user_id),
            coalesce(a.ids, '{}'), coalesce(a.results, '{}'),
-           coalesce(h.entities, '{}'), coalesce(h.ids, '{}')
+           coalesce(h.entities, '{}'), coalesce(h.ids, '{}'), coalesce(h.versions, '{}'),
+           coalesce(h.members, '{}')
     FROM sync.device d
     LEFT JOIN LATERAL (
         SELECT array_agg(j.job_id) AS ids, array_agg(j.result) AS results
         FROM sync.job_result j WHERE j.device_id = d.device_id AND j.job_id = ANY(p_jobs)
     ) a ON true
     LEFT JOIN LATERAL (
-        SELECT array_agg(s.entity) AS entities, array_agg(s.object_id) AS ids
+        SELECT array_agg(s.entity) AS entities, array_agg(s.object_id) AS ids,
+               array_agg(s.version) AS versions,
+               array_agg(array_to_string(s.members, ',')) AS members
         FROM sync.holding s
         JOIN unnest(p_push_entities, p_push_ids) AS p(entity, object_id)
           ON s.entity = p.entity AND s.object_id = p.object_id
@@ -124,7 +130,7 @@ BEGIN
         PERFORM pg_advisory_unlock(DEVICE_LOCK_CLASS, hashtext(p_device));
         RETURN QUERY SELECT true, false, NULL::bigint, NULL::boolean, NULL::text,
                             NULL::timestamptz, NULL::text[], NULL::text[], NULL::text[],
-                            NULL::text[], NULL::bigint[];
+                            NULL::text[], NULL::bigint[], NULL::bigint[], NULL::text[];
         RETURN;
     END IF;
     INSERT INTO sync.holding (device_id, entity, object_id)
@@ -212,6 +218,11 @@ async def delete_device(conn: asyncpg.Connection, device_id: str) -> bool:
     """Forget a device and what it holds; ``False`` when it was not registered."""
     status: str = await conn.execute("DELETE FROM sync.device WHERE device_id = $1", device_id)
     return status != "DELETE 0"
+
+
+async def forget_unfollowed(conn: asyncpg.Connection, followed: Sequence[str]) -> None:
+    """Drop the holdings of entities the model no longer follows: nothing keeps them true."""
+    await conn.execute("DELETE FROM sync.holding WHERE entity <> ALL($1::text[])", followed)
 
 
 async def find_device(conn: asyncpg.Connection, device_id: str) -> asyncpg.Record | None:

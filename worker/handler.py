@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from broker.accounts import device_of_account
 from broker.errors import Refused, Unroutable
 from broker.models import ObjectKey, ResyncChange, Session, SyncJob, SyncResult
-from worker.access import MATCHES, VERSION, AccessPolicy
+from worker.access import AUTOCOMMITTED, MATCHES, UPSERT, VERSION, AccessPolicy
 from worker.answers import Answer, answer_of, done, remembered
 from worker.devices import DEVICE_LOCK_CLASS, LET_GO, RELEASE, TAKE
 from worker.eligibility import DELETED, GONE, NO_ACCESS, SYNCED, Decision, Found, decide
@@ -233,7 +233,16 @@ class JobHandler:
         what the device holds of their objects. Returns the answers, the resync mark the
         batches announced (if they did) and what the device holds of followed objects."""
         session = _session(device["owner"], device_id)
-        held = set(zip(device["held_entities"], device["held_ids"], strict=True))
+        held = {
+            (entity, object_id): (version, members)
+            for entity, object_id, version, members in zip(
+                device["held_entities"],
+                device["held_ids"],
+                device["held_versions"],
+                device["held_members"],
+                strict=True,
+            )
+        }
         jobs = [c for c in claimed if c.push is None]
         pushes = [c for c in claimed if c.push is not None]
         refreshed = [
@@ -254,7 +263,9 @@ class JobHandler:
         )
         units = [(c.job, c.targets) for c in jobs]
         if pushes:
-            units.append((pushes[0].job, refreshed))
+            # What the device holds as it is now (same version, same members) is not sent.
+            changed = [key for key in refreshed if _sent(found, key) != held[key]]
+            units.append((pushes[0].job, changed))
         resync = _resync_change(device)
         per_job: list[tuple[SyncJob, Decision, list[EncodedBatch]]] = []
         for position, (job, targets) in enumerate(units):
@@ -297,14 +308,22 @@ class JobHandler:
             for key, code in zip(decision.targets, decision.codes, strict=True):
                 if key[0] not in self._followed:
                     continue
-                if code == SYNCED:
-                    entity = found[key[0]]
-                    row = entity.records[key[1]]
-                    readable = entity.readable(row[MATCHES]) or frozenset()
-                    holdings[key] = (*key, row[VERSION], ",".join(sorted(readable)))
+                sent = _sent(found, key)
+                if code == SYNCED and sent is not None:
+                    holdings[key] = (*key, *sent)
                 elif code in _REMOVED:
                     holdings[key] = (*key, None, None)
         return list(holdings.values())
+
+
+def _sent(found: dict[str, Found], key: ObjectKey) -> tuple[int, str] | None:
+    """The version and readable members (as a holding records them) the device would be
+    sent of ``key`` now, or ``None`` when it would get no upsert."""
+    entity = found.get(key[0])
+    row = entity.records.get(key[1]) if entity is not None else None
+    if entity is None or row is None or row[UPSERT] is None or row[AUTOCOMMITTED]:
+        return None
+    return row[VERSION], ",".join(sorted(entity.readable(row[MATCHES]) or ()))
 
 
 def _log_pushed(device_id: str, push: Claimed, batches: Sequence[EncodedBatch]) -> None:

@@ -235,8 +235,7 @@ def _check_references(model: DomainModel, source: str) -> None:
             raise ModelError(
                 source,
                 f"{where}.follow",
-                f"only an offline, persistable entity can be followed "
-                f"({model.why_not_syncable(name)})",
+                f"cannot be followed, devices cannot hold it: {model.why_not_syncable(name)}",
             )
         for position, rule in enumerate(entity.access):
             unknown = [] if rule.read == "*" else sorted(set(rule.read) - set(entity.members))

@@ -9,8 +9,8 @@ import re
 import asyncpg
 
 from worker import capture, devices
-from worker.capture import DEFAULT_BACKLOG_LIMIT, install_capture
-from worker.devices import DEVICES_SQL
+from worker.capture import install_capture
+from worker.devices import DEVICES_SQL, forget_unfollowed
 from worker.model import AttributeType, DomainModel, Entity
 from worker.sql import quote_ident, quote_table
 
@@ -98,10 +98,11 @@ async def init_database(
     model: DomainModel,
     *,
     create_tables: bool = False,
-    backlog_limit: int = DEFAULT_BACKLOG_LIMIT,
+    backlog_limit: int | None = None,
 ) -> tuple[list[str], list[str]]:
     """Install the sync schema, a version trigger on each persistable table and the
-    follow capture where the model follows entities.
+    follow capture where the model follows entities (``backlog_limit`` replaces its
+    bound when given); holdings of entities no longer followed are forgotten.
 
     Returns the tables that got the version trigger, and those captured for follow.
     Safe to run again.
@@ -115,6 +116,7 @@ async def init_database(
                     await conn.execute(statement)
             await conn.execute(_trigger_sql(table))
         captured = await install_capture(conn, model, backlog_limit=backlog_limit)
+        await forget_unfollowed(conn, list(model.followed))
     return list(model.tables), captured
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncpg
 
 from broker.errors import ProgramError
+from worker.capture import capture_problems
 from worker.devices import RELEASE_DEVICE, TAKE_DEVICE
 from worker.model import AttributeType, DomainModel, Entity
 
@@ -110,6 +111,8 @@ async def schema_problems(conn: asyncpg.Connection, model: DomainModel) -> list[
     for name, entity in model.entities.items():
         if entity.persistable and entity.table is not None:
             problems += _entity_problems(name, entity, found.get(_qualified(entity.table)))
+    if model.followed and not problems:
+        problems += await capture_problems(conn, model)
     return problems
 
 

@@ -23,8 +23,9 @@ class ServerSettings(BrokerSettings):
     # Password for the workers' read-only role, when `syncctl db init --worker-role` runs.
     worker_db_password: str | None = None
     # Captured changes that may wait for the follow feed; past it, capture stops and the
-    # holding devices are told to resync (set by `syncctl db init`).
-    follow_backlog_limit: int = Field(default=1_000_000, ge=1_000)
+    # holding devices are told to resync. Set by `syncctl db init` when given (the
+    # database keeps it; 1,000,000 at first).
+    follow_backlog_limit: int | None = Field(default=None, ge=1_000)
 
     def model_path(self) -> Path:
         """The model file; ``ConfigurationError`` when none was given."""
