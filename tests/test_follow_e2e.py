@@ -8,6 +8,9 @@ watcher while a watch names them (a reverse hop); memos are not followed.
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -321,6 +324,7 @@ async def test_the_server_counts_what_a_device_holds_and_forgets_it_with_the_dev
     fpg: asyncpg.Connection,
     amqp: aio_pika.abc.AbstractRobustChannel,
     accounts: BrokerAccounts,
+    services: Services,
 ):
     world = await _world(fpg)
     memo = await insert(fpg, "f_memo", text="not followed")
@@ -329,6 +333,22 @@ async def test_the_server_counts_what_a_device_holds_and_forgets_it_with_the_dev
     await sync_settled(client, boss, [*refs, ObjectRef("Memo", memo)])
     device = await find_device(fpg, boss.device_id)
     assert device is not None and device["holdings"] == 2
+    shown = await run_process(
+        sys.executable,
+        "-m",
+        "syncctl",
+        "device",
+        "show",
+        boss.device_id,
+        cwd=ROOT,
+        env={
+            **os.environ,
+            "SYNC_AMQP_URL": services.amqp_url,
+            "SYNC_DATABASE_URL": services.database_url,
+            "SYNC_MANAGEMENT_URL": services.management_url,
+        },
+    )
+    assert "objects held (followed entities): 2" in shown.stdout.splitlines(), shown
     held = await fpg.fetch(
         "SELECT entity, object_id, members FROM sync.holding WHERE device_id = $1 "
         "ORDER BY object_id",
@@ -554,3 +574,27 @@ async def test_db_init_keeps_the_backlog_limit_and_forgets_what_is_no_longer_fol
         assert [row["entity"] for row in held] == ["Order"]
     finally:
         await init_database(fpg, follow_model, backlog_limit=1_000_000)
+
+
+async def test_each_pushed_batch_is_logged_with_the_change_that_caused_it(
+    follow_worker: Worker,
+    client: SyncClient,
+    make_device: MakeDevice,
+    fpg: asyncpg.Connection,
+    caplog: pytest.LogCaptureFixture,
+):
+    world, clerk = await _holding(client, make_device, fpg, "Clerk")
+    await wait_for(lambda: _queued(fpg))
+    caplog.set_level(logging.INFO, logger="worker.handler")
+    caplog.clear()
+
+    await fpg.execute("UPDATE f_region SET name = 'far north' WHERE id = $1", world["open"])
+    await fpg.execute("UPDATE f_region SET open = false WHERE id = $1", world["open"])
+    await _until(clerk, "Order", world["order"], None)
+    pushed = [r for r in caplog.records if r.getMessage() == "follow batch pushed"]
+    assert pushed
+    assert {getattr(r, "device_id", None) for r in pushed} == {clerk.device_id}
+    assert all(
+        getattr(r, "cause", None) == f"Order {world['order']} via Region {world['open']}"
+        for r in pushed
+    ), [getattr(r, "cause", None) for r in pushed]
