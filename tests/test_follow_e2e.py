@@ -598,3 +598,35 @@ async def test_each_pushed_batch_is_logged_with_the_change_that_caused_it(
         getattr(r, "cause", None) == f"Order {world['order']} via Region {world['open']}"
         for r in pushed
     ), [getattr(r, "cause", None) for r in pushed]
+
+
+async def test_a_device_busy_elsewhere_holds_up_neither_the_feed_nor_other_devices(
+    follow_worker: Worker,
+    client: SyncClient,
+    make_device: MakeDevice,
+    fpg: asyncpg.Connection,
+    services: Services,
+    caplog: pytest.LogCaptureFixture,
+):
+    world, busy = await _holding(client, make_device, fpg, "Boss")
+    other = await make_device(8, ["Boss"])
+    await sync_settled(client, other, [ObjectRef("Order", world["order"])])
+    await wait_for(lambda: _queued(fpg))
+    caplog.set_level(logging.INFO, logger="worker.follow")
+    holder = await asyncpg.connect(services.database_url)
+    try:
+        # As a worker serving the device would: its lock held.
+        await holder.execute(
+            "SELECT pg_advisory_lock($1, hashtext($2))", DEVICE_LOCK_CLASS, busy.device_id
+        )
+        await fpg.execute("UPDATE f_order SET title = 'news' WHERE id = $1", world["order"])
+        await wait_for(lambda: _title_is(other, world["order"], "news"))
+        # The feed went on: the push for the busy device waits in the jobs queue.
+        await wait_for(lambda: _queued(fpg))
+        assert await _title_is(busy, world["order"], "pump")
+        assert any(
+            r.getMessage() == "follow pushes handed to the jobs queue" for r in caplog.records
+        )
+    finally:
+        await holder.close()
+    await wait_for(lambda: _title_is(busy, world["order"], "news"))

@@ -144,6 +144,7 @@ class Worker:
                 settings.database_url,
                 model,
                 await declare_exchange(channel, JOBS_EXCHANGE),
+                consumer.serve_push,
                 name=settings.name,
                 user_id=amqp_user(settings.amqp_url),
                 interval=settings.follow_interval,

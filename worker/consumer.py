@@ -11,6 +11,7 @@ when something failed (the jobs queue counts the attempts).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -63,14 +64,17 @@ def _publisher_header(message: AbstractIncomingMessage) -> dict[str, str]:
 
 @dataclass(eq=False)
 class Pending:
-    """A job in hand, waiting for its device's turn."""
+    """A job in hand, waiting for its device's turn: a delivery to settle, or a push the
+    follow feed hands this worker directly (``message`` is ``None``; ``served`` learns
+    whether it ran to an answer)."""
 
-    message: AbstractIncomingMessage
+    message: AbstractIncomingMessage | None
     claimed: Claimed
     received: float = field(default_factory=time.perf_counter)
     # Set after a run of several jobs failed unexpectedly: the job then runs alone, so one
     # poison job cannot take the others of its device down with it.
     alone: bool = False
+    served: asyncio.Future[bool] | None = None
 
 
 class JobConsumer:
@@ -115,6 +119,13 @@ class JobConsumer:
 
     def _admit(self, device_id: str) -> bool:
         return self._limits.admit(device_id, in_hand=self.scheduler.waiting(device_id))
+
+    def serve_push(self, device_id: str, claimed: Claimed) -> asyncio.Future[bool]:
+        """Serve a follow push here, in its device's turn like any job; the future says
+        ``True`` once it was answered (its batches confirmed, or a final rejection)."""
+        served: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self.scheduler.submit(device_id, Pending(None, claimed, served=served))
+        return served
 
     def _push_cause(self, message: AbstractIncomingMessage) -> str | None:
         """What caused a follow push (``worker.follow``), or ``None`` for an app's job.
@@ -166,7 +177,11 @@ class JobConsumer:
     async def _run(self, device_id: str, group: list[Pending]) -> None:
         """Serve a device's jobs in hand; raises ``Busy`` to be tried again later."""
         # A delivery whose channel is gone is the broker's again: it hands it over anew.
-        live = [pending for pending in group if not pending.message.channel.is_closed]
+        live = [
+            pending
+            for pending in group
+            if pending.message is None or not pending.message.channel.is_closed
+        ]
         if not live:
             return
         try:
@@ -185,18 +200,41 @@ class JobConsumer:
                 for pending in live:
                     pending.alone = True
                 raise Busy(device_id) from error
-            only = live[0]
-            await self._answer(only.message, only.received, only.claimed.job, error=error)
+            await self._finish(live[0], error=error)
             return
         for pending, outcome in zip(live, outcomes, strict=True):
             DEVICE_LOCK_WAIT.observe(time.perf_counter() - pending.received)
-            job = pending.claimed.job
             if isinstance(outcome, JobRejected):
-                await self._answer(
-                    pending.message, pending.received, job, error=Reject(outcome.reason)
-                )
+                await self._finish(pending, error=Reject(outcome.reason))
             else:
-                await self._answer(pending.message, pending.received, job, result=outcome)
+                await self._finish(pending, result=outcome)
+
+    async def _finish(
+        self,
+        pending: Pending,
+        *,
+        error: BaseException | None = None,
+        result: Answer | None = None,
+    ) -> None:
+        """Answer and settle a delivery; for a push served here, tell the feed."""
+        if pending.message is not None:
+            await self._answer(
+                pending.message, pending.received, pending.claimed.job, error=error, result=result
+            )
+            return
+        assert pending.served is not None
+        seconds = time.perf_counter() - pending.received
+        if result is not None:
+            record_job(result, seconds)
+        elif not isinstance(error, Reject):
+            # The feed hands the push to the jobs queue instead, which retries it.
+            record_failed_job(seconds)
+            log.error(
+                "follow push failed",
+                extra={"device_id": pending.claimed.device_id, "error": repr(error)},
+            )
+        if not pending.served.done():
+            pending.served.set_result(result is not None or isinstance(error, Reject))
 
     async def _answer(
         self,

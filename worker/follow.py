@@ -1,12 +1,13 @@
 """The follow feed (SPEC §12): one worker at a time reads the captured changes
 (``worker.capture``), finds the devices holding what they may change
-(``worker.impact``) and publishes, per device, a push job to ``sync.jobs``.
-
-A push is an ordinary job for the objects the device holds (``worker.handler``): served
-under the device's lock like any job, so pushes and jobs reach the device in the order
-they read, and the latest state wins. The feed deletes captured rows only after the
-broker confirmed their pushes, so a leader killed at any point loses nothing; a row
-routed twice makes a push that changes nothing on the device.
+(``worker.impact``) and serves, per device, a push: an ordinary job for the objects the
+device holds (``worker.handler``), run in this worker's device scheduler under the
+device's lock like any job, so pushes and jobs reach the device in the order they read,
+and the latest state wins. A push not answered within ``SPILL_AFTER`` (its device is busy
+elsewhere, say) is published to ``sync.jobs`` instead, for any worker to serve, so one
+slow device never holds up the feed. The feed deletes captured rows only after every
+push of them was answered or confirmed by the broker, so a leader killed at any point
+loses nothing; a row routed twice makes a push that changes nothing on the device.
 
 Every worker runs a feed; the one holding a session advisory lock leads. A leader that
 dies drops its connection and with it the lock; a frozen one loses its session (and the
@@ -20,7 +21,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from itertools import groupby
 
@@ -28,12 +29,13 @@ import asyncpg
 from aio_pika.abc import AbstractExchange
 
 from broker.errors import ProgramError, Refused, Unroutable
-from broker.models import MAX_OBJECTS_PER_JOB, ObjectKey
+from broker.models import MAX_OBJECTS_PER_JOB, ObjectKey, Session, SyncJob
 from broker.publishing import json_message, publish_confirmed
 from worker.capture import CHANNEL, backlog, forget, read_changes, start_over
 from worker.database import connect
 from worker.devices import DEVICE_LOCK_CLASS
 from worker.errors import TRANSIENT_ERRORS
+from worker.handler import Claimed
 from worker.impact import Impact, Push
 from worker.metrics import FOLLOW_BACKLOG, FOLLOW_CHANGES, FOLLOW_LAG, FOLLOW_LEADER, FOLLOW_PUSHES
 from worker.model import DomainModel
@@ -50,6 +52,9 @@ _LEAD_KEY = DEVICE_LOCK_CLASS + 1
 RETRY = 1.0
 # An idle leader still reads this often: notifications can be missed across a reconnect.
 POLL = 1.0
+# Pushes not answered here by then go to the jobs queue.
+SPILL_AFTER = 1.0
+Serve = Callable[[str, Claimed], "asyncio.Future[bool]"]
 
 
 async def _stand_by(conn: asyncpg.Connection) -> None:
@@ -58,6 +63,13 @@ async def _stand_by(conn: asyncpg.Connection) -> None:
         if await conn.fetchval(_LEAD, _LEAD_KEY):
             return
         await asyncio.sleep(RETRY)
+
+
+def _claimed(job_id: str, device_id: str, push: Push) -> Claimed:
+    job = SyncJob(
+        job_id=job_id, session=Session(user_id=push.user_id, device_id=device_id), origin="nanoflow"
+    )
+    return Claimed(job, device_id, None, list(push.keys), push.cause)
 
 
 def push_body(job_id: str, device_id: str, user_id: int, keys: Iterable[ObjectKey]) -> bytes:
@@ -90,6 +102,7 @@ class FollowFeed:
         database_url: str,
         model: DomainModel,
         jobs: AbstractExchange,
+        serve: Serve,
         *,
         name: str,
         user_id: str | None,
@@ -103,6 +116,7 @@ class FollowFeed:
         self._name = name
         self._impact = Impact(model)
         self._jobs = jobs
+        self._serve_here = serve
         self._user_id = user_id
         self._interval = interval
         self._chunk = chunk
@@ -154,7 +168,7 @@ class FollowFeed:
                     "follow feed overflowed; devices told to resync", extra={"devices": len(marked)}
                 )
                 resyncs = {device: Push(owner, cause="follow overflow") for device, owner in marked}
-                await self._publish(f"follow.resync.{int(time.time())}", resyncs)
+                await self._serve(f"follow.resync.{int(time.time())}", resyncs)
             wake.clear()
             captured = await read_changes(conn, self._chunk)
             FOLLOW_BACKLOG.set(await backlog(conn))
@@ -166,11 +180,29 @@ class FollowFeed:
             assert captured.oldest is not None
             FOLLOW_LAG.set((datetime.now(UTC) - captured.oldest).total_seconds())
             pushes = await self._impact.pushes(conn, captured)
-            await self._publish(f"follow.{captured.seqs[-1]}", pushes)
+            await self._serve(f"follow.{captured.seqs[-1]}", pushes)
             await forget(conn, captured.seqs)
             FOLLOW_CHANGES.inc(len(captured.seqs))
             # Changes that come meanwhile are read together: a hot row's updates coalesce.
             await asyncio.sleep(max(0.0, self._interval - (time.monotonic() - started)))
+
+    async def _serve(self, job_id: str, pushes: dict[str, Push]) -> None:
+        """Serve ``pushes`` here; those not answered in time go to the jobs queue."""
+        served = {
+            device_id: self._serve_here(device_id, _claimed(job_id, device_id, push))
+            for device_id, push in pushes.items()
+        }
+        if served:
+            await asyncio.wait(served.values(), timeout=SPILL_AFTER)
+        late = {
+            device_id: pushes[device_id]
+            for device_id, future in served.items()
+            if not (future.done() and future.result())
+        }
+        if late:
+            log.info("follow pushes handed to the jobs queue", extra={"devices": len(late)})
+            await self._publish(job_id, late)
+        FOLLOW_PUSHES.inc(len(pushes))
 
     async def _publish(self, job_id: str, pushes: dict[str, Push]) -> None:
         messages = []
@@ -192,4 +224,3 @@ class FollowFeed:
         except (Refused, Unroutable) as error:
             # The jobs queue is full or missing: nothing is forgotten, the chunk is read again.
             raise TimeoutError(f"pushes not accepted: {error}") from error
-        FOLLOW_PUSHES.inc(len(messages))

@@ -61,7 +61,7 @@ FOLLOW_CHANGES = Counter(
     "sync_follow_changes_total", "Captured changes the follow feed routed (this worker leading)."
 )
 FOLLOW_PUSHES = Counter(
-    "sync_follow_pushes_total", "Push jobs the follow feed published, one per device and chunk."
+    "sync_follow_pushes_total", "Pushes the follow feed served, one per device and read."
 )
 FOLLOW_LAG = Gauge(
     "sync_follow_lag_seconds",
