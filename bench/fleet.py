@@ -34,6 +34,7 @@ from bench.report import Figure, as_table, progress
 from bench.rig import ROOT, service_env
 from broker.connection import connect, open_channel
 from broker.topology import declare_device_queue, delete_device_queue
+from worker.devices import delete_devices, save_devices
 from worker.schema import SYNC_SCHEMA_SQL
 
 __all__ = ["fleet", "main"]
@@ -125,12 +126,7 @@ async def _each(
 async def _insert_devices(conn: asyncpg.Connection, device_ids: list[str]) -> None:
     if await conn.fetchval("SELECT to_regclass('sync.device')") is None:
         await conn.execute(SYNC_SCHEMA_SQL)
-    await conn.execute(
-        "INSERT INTO sync.device (device_id, user_id) SELECT unnest($1::text[]), $2 "
-        "ON CONFLICT (device_id) DO NOTHING",
-        device_ids,
-        USER_ID,
-    )
+    await save_devices(conn, device_ids, USER_ID)
 
 
 @dataclass(frozen=True)
@@ -160,9 +156,7 @@ async def _measure(env: dict[str, str], device_ids: list[str]) -> _Measured:
             try:
                 delete_s = await _each(connection, device_ids, delete_device_queue)
             finally:
-                await conn.execute(
-                    "DELETE FROM sync.device WHERE device_id = ANY($1::text[])", device_ids
-                )
+                await delete_devices(conn, device_ids)
                 await connection.close()
                 await conn.close()
         cleaned = await _memory(client, url)

@@ -102,6 +102,7 @@ from broker import ObjectRef, Session, SyncClient
 from broker.connection import connect, open_channel
 from broker.models import SyncResult
 from broker.topology import JOBS_QUEUE, declare_device_queue, delete_device_queue
+from worker.devices import delete_devices, save_devices
 
 __all__ = ["MODES", "Mode", "scaleout"]
 
@@ -267,17 +268,12 @@ async def _registered(env: dict[str, str], device_ids: Sequence[str]) -> AsyncIt
     conn = await asyncpg.connect(env["SYNC_DATABASE_URL"])
     connection = await connect(env["SYNC_AMQP_URL"], "bench-scaleout-fleet")
     try:
-        await conn.execute(
-            "INSERT INTO sync.device (device_id, user_id, offline) "
-            "SELECT unnest($1::text[]), $2, true",
-            list(device_ids),
-            USER,
-        )
+        await save_devices(conn, device_ids, USER)
         await _each_device(connection, device_ids, declare=True)
         yield
     finally:
         await _each_device(connection, device_ids, declare=False)
-        await conn.execute("DELETE FROM sync.device WHERE device_id = ANY($1)", list(device_ids))
+        await delete_devices(conn, device_ids)
         await connection.close()
         await conn.close()
 

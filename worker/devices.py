@@ -28,6 +28,7 @@ __all__ = [
     "TAKE_DEVICE",
     "WORKER_GRANTS",
     "delete_device",
+    "delete_devices",
     "find_device",
     "forget_unfollowed",
     "holders_sql",
@@ -35,6 +36,7 @@ __all__ = [
     "mark_lost",
     "mark_overflowed",
     "save_device",
+    "save_devices",
 ]
 
 # Namespaces the per-device advisory locks among any other advisory locks of the database.
@@ -211,6 +213,23 @@ async def save_device(
         device_id,
         user_id,
         offline,
+    )
+
+
+async def save_devices(conn: asyncpg.Connection, device_ids: Sequence[str], user_id: int) -> None:
+    """Register many offline devices of one user at once (benches, fleets); registered
+    ones are left as they are."""
+    await conn.execute(
+        "INSERT INTO sync.device (device_id, user_id) SELECT unnest($1::text[]), $2 "
+        "ON CONFLICT (device_id) DO NOTHING",
+        list(device_ids),
+        user_id,
+    )
+
+
+async def delete_devices(conn: asyncpg.Connection, device_ids: Sequence[str]) -> None:
+    await conn.execute(
+        "DELETE FROM sync.device WHERE device_id = ANY($1::text[])", list(device_ids)
     )
 
 
