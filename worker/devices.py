@@ -164,8 +164,9 @@ BEGIN
         WHERE t.version IS NOT NULL
         ON CONFLICT (device_id, entity, object_id) DO UPDATE
             SET version = excluded.version, members = excluded.members;
-        DELETE FROM sync.holding WHERE device_id = p_device AND version IS NULL;
     END IF;
+    -- What the run named but did not send (or a job that was rejected) is not held.
+    DELETE FROM sync.holding WHERE device_id = p_device AND version IS NULL;
     IF p_announced IS NOT NULL THEN
         UPDATE sync.device SET resync_reason = NULL, resync_since = NULL
         WHERE device_id = p_device AND resync_since = p_announced;
