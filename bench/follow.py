@@ -35,7 +35,9 @@ Set-up (untimed, about 45 s here):
 - each device holds ``--held`` work orders of its own: one ordinary sync job per device
   through the pipeline, so ``sync.holding`` is written by the workers as in real use;
   the bench waits until every device applied its objects, then for one followed change
-  to reach its holder (the feed is leading).
+  to reach its holder (the feed is leading);
+- the **idle fleet** (a figure): the cores each process group uses for 5 s with every
+  agent connected and nothing written, the floor under every phase's CPU figures.
 
 A phase at ``rate`` changes/s: for ``--seconds`` s a writer commits updates of random
 held work orders (``internal_note`` set to the writer's ``time.time_ns()``), each change
@@ -140,6 +142,7 @@ ENTITY = "WorkOrder"
 TABLE = "follow_work_order"
 WRITERS = 8  # the writer's connections
 CEILING_SECONDS = 3.0
+IDLE_SECONDS = 5.0
 CHANNELS = 16  # device queues declared or deleted at once
 SEED_IN_FLIGHT = 128  # seeding jobs awaited at once
 STARTING = 16  # agents connecting at once, per agent process
@@ -778,6 +781,8 @@ class Context:
     per_transaction: int
     # one-row autocommitted updates/s: on the followed table, and on a copy without capture
     ceilings: dict[str, float] = field(default_factory=dict)
+    # cores used per process group with the fleet connected and nothing written
+    idle: dict[str, float] = field(default_factory=dict)
 
 
 # The part.
@@ -850,7 +855,14 @@ async def _context(
             connection = await connect(env["SYNC_AMQP_URL"], "bench-follow-sampler")
             stack.push_async_callback(connection.close)
             await _warm_up(pool, fleet)
-            yield Context(fleet, ids, pool, monitor, connection, profile, per_transaction, ceilings)
+            idle = await _idle_cores(fleet)
+            progress(
+                f"follow: the fleet idle for {IDLE_SECONDS:g} s: "
+                + ", ".join(f"{k} {v:.2f}" for k, v in idle.items())
+            )
+            yield Context(
+                fleet, ids, pool, monitor, connection, profile, per_transaction, ceilings, idle
+            )
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -894,6 +906,25 @@ def _phase_figures(label: str, runs: Sequence[Phase], setup: str) -> list[Figure
         Figure(write_name, "changes/s", tuple(p.write_rate for p in runs), kind="info", note=note)
     )
     return figures
+
+
+async def _idle_cores(fleet: Fleet) -> dict[str, float]:
+    before, started = _cpu_ticks(fleet), time.monotonic()
+    await asyncio.sleep(IDLE_SECONDS)
+    return _cores(before, _cpu_ticks(fleet), time.monotonic() - started)
+
+
+def _idle_figure(idle: dict[str, float], setup: str) -> Figure:
+    ours = idle["cpu_busy"] - idle["cpu_other"]
+    return Figure(
+        "follow: cores used by the idle fleet (nothing written)",
+        "cores",
+        (ours,),
+        kind="info",
+        higher_is_better=False,
+        note=f"{setup}; {IDLE_SECONDS:g} s after the warm-up, this checkout's processes",
+        extra=idle,
+    )
 
 
 def _ceiling_figures(ceilings: dict[str, float]) -> list[Figure]:
@@ -976,7 +1007,7 @@ async def follow(
     if worker_settings:
         setup += "; workers with " + ", ".join(f"{k}={v}" for k, v in worker_settings.items())
     figures = [f for label, runs_ in phases.items() for f in _phase_figures(label, runs_, setup)]
-    return figures + _ceiling_figures(context.ceilings)
+    return [*figures, _idle_figure(context.idle, setup), *_ceiling_figures(context.ceilings)]
 
 
 def main() -> None:
