@@ -16,7 +16,10 @@ Starts the local services, then measures in one run:
   at 1,000 devices, and with the workers' database 20 ms away (worker-bound);
 - isolation: the other devices' latency while a worker holding a device's job is
   stopped, and while one device floods 20,000 jobs from its own account;
-- the fleet: broker memory per idle device queue, with 10,000 device queues.
+- the fleet: broker memory per idle device queue, with 10,000 device queues;
+- follow: commit → applied on every holding device at 1,000, 100 and 50 changes/s with
+  1,000 holding devices, the changes/s sustained, and the write ceilings with and without
+  the capture trigger.
 
 Prints a table (with each pipeline figure's ratio to the slowest ceiling of its unit) and
 writes the same figures as JSON, for comparing runs. Progress goes to stderr.
@@ -33,6 +36,7 @@ from pathlib import Path
 from bench.agent import device_side
 from bench.ceilings import broker_paths, ceilings
 from bench.fleet import fleet
+from bench.follow import follow
 from bench.isolation import isolation
 from bench.pipeline import pipeline
 from bench.report import Figure, as_json, as_table, progress
@@ -51,6 +55,7 @@ SUITES: dict[str, Suite] = {
     "scaleout": lambda env, runs: scaleout(env),
     "isolation": lambda env, runs: isolation(env),
     "fleet": lambda env, runs: fleet(env),
+    "follow": lambda env, runs: follow(env),
 }
 
 
