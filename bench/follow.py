@@ -109,7 +109,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import asyncpg
-from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from aio_pika.abc import AbstractRobustConnection
 
 from bench.report import Figure, as_table, profile_summary, progress
 from bench.rig import (
@@ -118,6 +118,7 @@ from bench.rig import (
     USER,
     declare_jobs_topology,
     profiled,
+    registered_devices,
     running_workers,
     service_env,
 )
@@ -126,8 +127,6 @@ from broker.connection import connect, open_channel
 from broker.models import SyncResult
 from broker.topology import (
     JOBS_QUEUE,
-    declare_device_queue,
-    delete_device_queue,
 )
 from device_agent import AgentSettings, DeviceAgent
 from device_agent.agent import _Batch
@@ -143,7 +142,6 @@ TABLE = "follow_work_order"
 WRITERS = 8  # the writer's connections
 CEILING_SECONDS = 3.0
 IDLE_SECONDS = 5.0
-CHANNELS = 16  # device queues declared or deleted at once
 SEED_IN_FLIGHT = 128  # seeding jobs awaited at once
 STARTING = 16  # agents connecting at once, per agent process
 FLUSH = 0.02  # how often an agent process writes what it applied
@@ -352,50 +350,6 @@ async def _prepare(database_url: str, objects: int) -> list[int]:
 async def _drop_backlog(conn: asyncpg.Connection) -> None:
     await conn.execute("DELETE FROM sync.change")
     await conn.execute("UPDATE sync.follow_state SET overflowed_at = NULL")
-
-
-async def _each_device(
-    connection: AbstractRobustConnection, device_ids: Sequence[str], declare: bool
-) -> None:
-    """Declare (or delete) the device queues, ``CHANNELS`` at once."""
-    pending = iter(device_ids)
-
-    async def drain(channel: AbstractChannel) -> None:
-        for device_id in pending:  # shared: each id is taken by exactly one channel
-            if declare:
-                await declare_device_queue(channel, device_id)
-            else:
-                await delete_device_queue(channel, device_id)
-
-    channels = [await open_channel(connection) for _ in range(min(CHANNELS, len(device_ids)))]
-    try:
-        async with asyncio.TaskGroup() as group:
-            for channel in channels:
-                group.create_task(drain(channel))
-    finally:
-        for channel in channels:
-            await channel.close()
-
-
-@asynccontextmanager
-async def _registered(env: dict[str, str], device_ids: Sequence[str]) -> AsyncIterator[None]:
-    """The devices' rows and queues, as registration makes them (no AMQP accounts)."""
-    conn = await asyncpg.connect(env["SYNC_DATABASE_URL"])
-    connection = await connect(env["SYNC_AMQP_URL"], "bench-follow-fleet")
-    try:
-        await conn.execute(
-            "INSERT INTO sync.device (device_id, user_id, offline) "
-            "SELECT unnest($1::text[]), $2, true",
-            list(device_ids),
-            USER,
-        )
-        await _each_device(connection, device_ids, declare=True)
-        yield
-    finally:
-        await _each_device(connection, device_ids, declare=False)
-        await conn.execute("DELETE FROM sync.device WHERE device_id = ANY($1)", list(device_ids))
-        await connection.close()
-        await conn.close()
 
 
 @dataclass
@@ -815,7 +769,7 @@ async def _context(
     try:
         async with AsyncExitStack() as stack:
             started = time.monotonic()
-            await stack.enter_async_context(_registered(env, names))
+            await stack.enter_async_context(registered_devices(env, USER, names))
             agents = await stack.enter_async_context(
                 _agent_processes(env, names, folder, agent_processes, fleet.applied)
             )

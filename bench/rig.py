@@ -23,15 +23,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import asyncpg
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from bench.report import progress
 from broker import ObjectRef, Session, SyncClient
 from broker.connection import connect, open_channel
-from broker.topology import JOBS_QUEUE, declare_topology
+from broker.topology import (
+    JOBS_QUEUE,
+    declare_device_queue,
+    declare_topology,
+    delete_device_queue,
+)
 from device_agent import AgentSettings, AppliedBatch, DeviceAgent, OfflineStore
 from syncctl.accounts import BrokerAccounts
 from syncctl.devices import register_device, unregister_device
 from worker import load_model
+from worker.devices import delete_devices, save_devices
 from worker.model import EXAMPLE_MODEL
 from worker.schema import init_database
 from worker.settings import ServerSettings
@@ -369,3 +376,49 @@ async def rig(
         await connection.close()
         await conn.close()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+# Device queues declared or deleted at once, one per channel (AMQP RPCs are serial).
+DECLARE_CHANNELS = 16
+
+
+async def _each_device(
+    connection: AbstractRobustConnection, device_ids: Sequence[str], declare: bool
+) -> None:
+    """Declare (or delete) the device queues, ``DECLARE_CHANNELS`` at once."""
+    pending = iter(device_ids)
+
+    async def drain(channel: AbstractChannel) -> None:
+        for device_id in pending:  # shared: each id is taken by exactly one channel
+            if declare:
+                await declare_device_queue(channel, device_id)
+            else:
+                await delete_device_queue(channel, device_id)
+
+    count = min(DECLARE_CHANNELS, len(device_ids))
+    channels = [await open_channel(connection) for _ in range(count)]
+    try:
+        async with asyncio.TaskGroup() as group:
+            for channel in channels:
+                group.create_task(drain(channel))
+    finally:
+        for channel in channels:
+            await channel.close()
+
+
+@asynccontextmanager
+async def registered_devices(
+    env: dict[str, str], user_id: int, device_ids: Sequence[str]
+) -> AsyncIterator[None]:
+    """The devices' rows and queues, as registration makes them (no AMQP accounts)."""
+    conn = await asyncpg.connect(env["SYNC_DATABASE_URL"])
+    connection = await connect(env["SYNC_AMQP_URL"], "bench-devices")
+    try:
+        await save_devices(conn, device_ids, user_id)
+        await _each_device(connection, device_ids, declare=True)
+        yield
+    finally:
+        await _each_device(connection, device_ids, declare=False)
+        await delete_devices(conn, device_ids)
+        await connection.close()
+        await conn.close()

@@ -85,7 +85,6 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
-from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from bench.pgproxy import delaying_proxy
 from bench.report import Figure, as_table, progress
@@ -94,6 +93,7 @@ from bench.rig import (
     AppliedBatches,
     declare_jobs_topology,
     in_process_agents,
+    registered_devices,
     running_workers,
     seed_work_orders,
     service_env,
@@ -101,8 +101,7 @@ from bench.rig import (
 from broker import ObjectRef, Session, SyncClient
 from broker.connection import connect, open_channel
 from broker.models import SyncResult
-from broker.topology import JOBS_QUEUE, declare_device_queue, delete_device_queue
-from worker.devices import delete_devices, save_devices
+from broker.topology import JOBS_QUEUE
 
 __all__ = ["MODES", "Mode", "scaleout"]
 
@@ -115,7 +114,6 @@ UPDATE_EVERY = 10  # jobs published between two title updates
 UPDATED = 3  # work orders per update
 FINAL_UPDATES = 50  # work orders updated before the sweep
 WARM_UP = 20  # devices with a warm-up job per pass
-CHANNELS = 16  # device queues declared or deleted at once
 TIMEOUT = 600.0
 ROOT = Path(__file__).resolve().parent.parent
 SERVICES = ROOT / "scripts" / "services.sh"
@@ -239,45 +237,6 @@ async def _database_url(database_url: str, delay_ms: float) -> AsyncIterator[str
 # The devices.
 
 
-async def _each_device(
-    connection: AbstractRobustConnection, device_ids: Sequence[str], declare: bool
-) -> None:
-    """Declare (or delete) the device queues, ``CHANNELS`` at once."""
-    pending = iter(device_ids)
-
-    async def drain(channel: AbstractChannel) -> None:
-        for device_id in pending:  # shared: each id is taken by exactly one channel
-            if declare:
-                await declare_device_queue(channel, device_id)
-            else:
-                await delete_device_queue(channel, device_id)
-
-    channels = [await open_channel(connection) for _ in range(min(CHANNELS, len(device_ids)))]
-    try:
-        async with asyncio.TaskGroup() as group:
-            for channel in channels:
-                group.create_task(drain(channel))
-    finally:
-        for channel in channels:
-            await channel.close()
-
-
-@asynccontextmanager
-async def _registered(env: dict[str, str], device_ids: Sequence[str]) -> AsyncIterator[None]:
-    """The devices' rows and queues, as registration makes them (no AMQP accounts)."""
-    conn = await asyncpg.connect(env["SYNC_DATABASE_URL"])
-    connection = await connect(env["SYNC_AMQP_URL"], "bench-scaleout-fleet")
-    try:
-        await save_devices(conn, device_ids, USER)
-        await _each_device(connection, device_ids, declare=True)
-        yield
-    finally:
-        await _each_device(connection, device_ids, declare=False)
-        await delete_devices(conn, device_ids)
-        await connection.close()
-        await conn.close()
-
-
 @asynccontextmanager
 async def _fleet(env: dict[str, str], count: int, folder: Path) -> AsyncIterator[Fleet]:
     """``count`` registered devices, each with a running in-process agent; all gone after."""
@@ -289,7 +248,7 @@ async def _fleet(env: dict[str, str], count: int, folder: Path) -> AsyncIterator
     applied = AppliedBatches()
     started = time.perf_counter()
     async with (
-        _registered(env, [d.device_id for d in devices]),
+        registered_devices(env, USER, [d.device_id for d in devices]),
         in_process_agents(env["SYNC_AMQP_URL"], {d.device_id: d.path for d in devices}, applied),
     ):
         progress(f"scale-out: {count} devices with agents in {time.perf_counter() - started:.0f} s")

@@ -1,6 +1,6 @@
 """Change capture for follow (SPEC §12): an outbox that triggers write in the same
 transaction as the change, so a change is captured exactly when it commits and survives
-any restart; ``NOTIFY sync_change`` wakes the feed's leader (``worker.follow``).
+any restart; the feed's leader (``worker.follow``) reads it every ``follow_interval``.
 
 Captured: every insert, update and delete of a followed entity's table, of every table on
 a followed entity's constraint paths, and of ``sync.user_role`` (a user's roles decide
@@ -32,7 +32,6 @@ from worker.system import USER_ENTITY
 
 __all__ = [
     "CAPTURE_SQL",
-    "CHANNEL",
     "OVERFLOW_REASON",
     "WORKER_GRANTS",
     "CaptureSpec",
@@ -47,7 +46,6 @@ __all__ = [
     "start_over",
 ]
 
-CHANNEL = "sync_change"
 # The resync reason devices get when the feed overflowed.
 OVERFLOW_REASON = "follow-overflow"
 DEFAULT_BACKLOG_LIMIT = 1_000_000
@@ -104,7 +102,6 @@ BEGIN
             UPDATE sync.follow_state SET overflowed_at = clock_timestamp()
             WHERE overflowed_at IS NULL;
         END IF;
-        PERFORM pg_notify('{CHANNEL}', '');
     END IF;
     RETURN NULL;
 END
@@ -114,7 +111,6 @@ CREATE OR REPLACE FUNCTION sync.capture_truncate() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     UPDATE sync.follow_state SET overflowed_at = clock_timestamp() WHERE overflowed_at IS NULL;
-    PERFORM pg_notify('{CHANNEL}', '');
     RETURN NULL;
 END
 $$;

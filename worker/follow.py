@@ -17,7 +17,6 @@ lock) after ``follow_takeover`` seconds. The others try for the lock every secon
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -31,7 +30,7 @@ from aio_pika.abc import AbstractExchange
 from broker.errors import ProgramError, Refused, Unroutable
 from broker.models import MAX_OBJECTS_PER_JOB, ObjectKey, Session, SyncJob
 from broker.publishing import json_message, publish_confirmed
-from worker.capture import CHANNEL, backlog, forget, read_changes, start_over
+from worker.capture import backlog, forget, overflowed_since, read_changes, start_over
 from worker.database import connect
 from worker.devices import DEVICE_LOCK_CLASS
 from worker.errors import TRANSIENT_ERRORS
@@ -50,8 +49,6 @@ FOLLOW_HEADER = "x-sync-follow"
 _LEAD = "SELECT pg_try_advisory_lock($1, 0)"
 _LEAD_KEY = DEVICE_LOCK_CLASS + 1
 RETRY = 1.0
-# An idle leader still reads this often: notifications can be missed across a reconnect.
-POLL = 1.0
 # Pushes not answered here by then go to the jobs queue.
 SPILL_AFTER = 1.0
 Serve = Callable[[str, Claimed], "asyncio.Future[bool]"]
@@ -158,32 +155,30 @@ class FollowFeed:
             await asyncio.sleep(RETRY)
 
     async def _lead(self, conn: asyncpg.Connection) -> None:
-        wake = asyncio.Event()
-        await conn.add_listener(CHANNEL, lambda *_: wake.set())
         while True:
             started = time.monotonic()
-            marked = await start_over(conn)
-            if marked:
+            if await overflowed_since(conn) is not None:
+                marked = await start_over(conn)
                 log.warning(
                     "follow feed overflowed; devices told to resync", extra={"devices": len(marked)}
                 )
                 resyncs = {device: Push(owner, cause="follow overflow") for device, owner in marked}
                 await self._serve(f"follow.resync.{int(time.time())}", resyncs)
-            wake.clear()
             captured = await read_changes(conn, self._chunk)
-            FOLLOW_BACKLOG.set(await backlog(conn))
-            if not captured.seqs:
+            if captured.seqs:
+                assert captured.oldest is not None
+                FOLLOW_LAG.set((datetime.now(UTC) - captured.oldest).total_seconds())
+                FOLLOW_BACKLOG.set(await backlog(conn))
+                pushes = await self._impact.pushes(conn, captured)
+                await self._serve(f"follow.{captured.seqs[-1]}", pushes)
+                await forget(conn, captured.seqs)
+                FOLLOW_CHANGES.inc(len(captured.seqs))
+            else:
                 FOLLOW_LAG.set(0)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), POLL)
-                continue
-            assert captured.oldest is not None
-            FOLLOW_LAG.set((datetime.now(UTC) - captured.oldest).total_seconds())
-            pushes = await self._impact.pushes(conn, captured)
-            await self._serve(f"follow.{captured.seqs[-1]}", pushes)
-            await forget(conn, captured.seqs)
-            FOLLOW_CHANGES.inc(len(captured.seqs))
-            # Changes that come meanwhile are read together: a hot row's updates coalesce.
+                FOLLOW_BACKLOG.set(0)
+            # Read at most this often: what comes meanwhile is read together, so a hot row's
+            # updates coalesce. An idle feed polls: NOTIFY from the triggers would take a
+            # database-wide lock at every writer's commit (docs/decisions.md).
             await asyncio.sleep(max(0.0, self._interval - (time.monotonic() - started)))
 
     async def _serve(self, job_id: str, pushes: dict[str, Push]) -> None:

@@ -67,9 +67,9 @@ class WorkerSettings(ServerSettings):
     trusted_publishers: tuple[str, ...] = ("sync",)
     # On SIGTERM, how long jobs in hand may take to finish before they are handed back.
     shutdown_grace: float = Field(default=30.0, ge=0)
-    # Follow (SPEC §12): the feed reads captured changes at most this often, so a hot
+    # Follow (SPEC §12): the feed reads captured changes this often (at most), so a hot
     # row's updates coalesce into few pushes; at most this many at a time.
-    follow_interval: float = Field(default=0.1, ge=0, le=10)
+    follow_interval: float = Field(default=0.1, ge=0.01, le=10)
     follow_chunk: int = Field(default=5_000, ge=1, le=100_000)
     # A leading worker frozen this long loses the feed to another.
     follow_takeover: float = Field(default=15.0, ge=2)
