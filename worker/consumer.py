@@ -15,7 +15,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
@@ -65,8 +65,8 @@ def _publisher_header(message: AbstractIncomingMessage) -> dict[str, str]:
 @dataclass(eq=False)
 class Pending:
     """A job in hand, waiting for its device's turn: a delivery to settle, or a push the
-    follow feed hands this worker directly (``message`` is ``None``; ``served`` learns
-    whether it ran to an answer)."""
+    follow feed hands this worker directly (``message`` is ``None``; ``push`` tells the
+    feed how it went)."""
 
     message: AbstractIncomingMessage | None
     claimed: Claimed
@@ -74,7 +74,25 @@ class Pending:
     # Set after a run of several jobs failed unexpectedly: the job then runs alone, so one
     # poison job cannot take the others of its device down with it.
     alone: bool = False
-    served: asyncio.Future[bool] | None = None
+    push: PushTicket | None = None
+
+
+@dataclass(eq=False)
+class PushTicket:
+    """A follow push served in this worker: ``served`` says ``True`` once it was answered
+    (its batches confirmed, or a final rejection)."""
+
+    served: asyncio.Future[bool]
+    # How many items of its device are in hand here, itself included.
+    in_hand: Callable[[], int]
+    # Set once its device was found busy in another worker.
+    parked: bool = False
+
+    @property
+    def held_up(self) -> bool:
+        """Waiting for its device rather than for a slot: busy elsewhere, or behind other
+        work of the device here."""
+        return self.parked or self.in_hand() > 1
 
 
 class JobConsumer:
@@ -120,12 +138,14 @@ class JobConsumer:
     def _admit(self, device_id: str) -> bool:
         return self._limits.admit(device_id, in_hand=self.scheduler.waiting(device_id))
 
-    def serve_push(self, device_id: str, claimed: Claimed) -> asyncio.Future[bool]:
-        """Serve a follow push here, in its device's turn like any job; the future says
-        ``True`` once it was answered (its batches confirmed, or a final rejection)."""
-        served: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self.scheduler.submit(device_id, Pending(None, claimed, served=served))
-        return served
+    def serve_push(self, device_id: str, claimed: Claimed) -> PushTicket:
+        """Serve a follow push here, in its device's turn like any job."""
+        ticket = PushTicket(
+            asyncio.get_running_loop().create_future(),
+            lambda: self.scheduler.waiting(device_id),
+        )
+        self.scheduler.submit(device_id, Pending(None, claimed, push=ticket))
+        return ticket
 
     def _push_cause(self, message: AbstractIncomingMessage) -> str | None:
         """What caused a follow push (``worker.follow``), or ``None`` for an app's job.
@@ -187,6 +207,7 @@ class JobConsumer:
         try:
             outcomes = await self._handler.handle(device_id, [p.claimed for p in live])
         except Busy:
+            _parked(live)
             raise
         except TRANSIENT_ERRORS as error:
             log.warning(
@@ -222,7 +243,7 @@ class JobConsumer:
                 pending.message, pending.received, pending.claimed.job, error=error, result=result
             )
             return
-        assert pending.served is not None
+        assert pending.push is not None
         seconds = time.perf_counter() - pending.received
         if result is not None:
             record_job(result, seconds)
@@ -233,8 +254,8 @@ class JobConsumer:
                 "follow push failed",
                 extra={"device_id": pending.claimed.device_id, "error": repr(error)},
             )
-        if not pending.served.done():
-            pending.served.set_result(result is not None or isinstance(error, Reject))
+        if not pending.push.served.done():
+            pending.push.served.set_result(result is not None or isinstance(error, Reject))
 
     async def _answer(
         self,
@@ -294,6 +315,13 @@ class JobConsumer:
             )
         except PUBLISH_FAILED as error:
             log.warning("result not sent", extra={"job_id": result.job_id, "error": repr(error)})
+
+
+def _parked(group: list[Pending]) -> None:
+    """The group's device is busy in another worker: its pushes say so to the feed."""
+    for pending in group:
+        if pending.push is not None:
+            pending.push.parked = True
 
 
 def _device(message: AbstractIncomingMessage, job: SyncJob | None) -> str:

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from itertools import groupby
+from typing import Protocol
 
 import asyncpg
 from aio_pika.abc import AbstractExchange
@@ -49,9 +50,20 @@ FOLLOW_HEADER = "x-sync-follow"
 _LEAD = "SELECT pg_try_advisory_lock($1, 0)"
 _LEAD_KEY = DEVICE_LOCK_CLASS + 1
 RETRY = 1.0
-# Pushes not answered here by then go to the jobs queue.
+# How long the feed waits for pushes held up by their device before it spills them.
 SPILL_AFTER = 1.0
-Serve = Callable[[str, Claimed], "asyncio.Future[bool]"]
+
+
+class Ticket(Protocol):
+    """A push served in this worker (``worker.consumer.PushTicket``)."""
+
+    @property
+    def served(self) -> asyncio.Future[bool]: ...
+    @property
+    def held_up(self) -> bool: ...
+
+
+Serve = Callable[[str, Claimed], Ticket]
 
 
 async def _stand_by(conn: asyncpg.Connection) -> None:
@@ -182,17 +194,22 @@ class FollowFeed:
             await asyncio.sleep(max(0.0, self._interval - (time.monotonic() - started)))
 
     async def _serve(self, job_id: str, pushes: dict[str, Push]) -> None:
-        """Serve ``pushes`` here; those not answered in time go to the jobs queue."""
-        served = {
+        """Serve ``pushes`` here. Those still held up by their device after
+        ``SPILL_AFTER`` (busy in another worker, or behind a long job here) go to the jobs
+        queue, so the feed moves on; those merely waiting for a slot stay (sending them
+        elsewhere would only run them twice)."""
+        tickets = {
             device_id: self._serve_here(device_id, _claimed(job_id, device_id, push))
             for device_id, push in pushes.items()
         }
-        if served:
-            await asyncio.wait(served.values(), timeout=SPILL_AFTER)
+        while waiting := [t for t in tickets.values() if not t.served.done()]:
+            done, _ = await asyncio.wait([t.served for t in waiting], timeout=SPILL_AFTER)
+            if not done and all(t.held_up for t in waiting if not t.served.done()):
+                break
         late = {
             device_id: pushes[device_id]
-            for device_id, future in served.items()
-            if not (future.done() and future.result())
+            for device_id, ticket in tickets.items()
+            if not (ticket.served.done() and ticket.served.result())
         }
         if late:
             log.info("follow pushes handed to the jobs queue", extra={"devices": len(late)})
