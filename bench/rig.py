@@ -76,7 +76,8 @@ def service_env() -> dict[str, str]:
 
 def accounts(env: dict[str, str]) -> BrokerAccounts:
     """Device accounts on the local broker, managed with the services' operator account."""
-    return BrokerAccounts(ServerSettings().management_url, env["SYNC_AMQP_URL"])
+    management = env.get("SYNC_MANAGEMENT_URL", ServerSettings().management_url)
+    return BrokerAccounts(management, env["SYNC_AMQP_URL"])
 
 
 async def seed_work_orders(database_url: str, count: int) -> list[int]:
