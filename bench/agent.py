@@ -58,7 +58,7 @@ from broker.models import ChangeBatch, SyncResult, UpsertChange
 from broker.publishing import json_message, publish_confirmed
 from broker.topology import CHANGES_EXCHANGE
 from broker.wire import decode, decode_batch
-from device_agent import AgentSettings, OfflineStore
+from device_agent import AgentSettings, OfflineStore, tables
 from device_agent.apply import batch_rows
 from syncctl.devices import register_device, unregister_device
 from worker import Worker, WorkerSettings, load_model
@@ -71,16 +71,6 @@ SHAPE_SQL = (
     "UPDATE work_order SET due = timestamptz '2026-01-01 08:00+00' + id * interval '1 minute', "
     "amount = id / 100.0"
 )
-RAW_SCHEMA = """
-CREATE TABLE objects (
-    entity TEXT NOT NULL,
-    id INTEGER NOT NULL,
-    version INTEGER NOT NULL,
-    data TEXT NOT NULL,
-    dirty INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (entity, id)
-) WITHOUT ROWID
-"""
 RAW_UPSERT = """
 INSERT INTO objects (entity, id, version, data, dirty) VALUES (?, ?, ?, ?, 0)
 ON CONFLICT (entity, id) DO UPDATE
@@ -160,7 +150,7 @@ def _raw_pass(path: Path, batches: list[ChangeBatch], chunks: list[list[RawRow]]
     try:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
-        db.execute(RAW_SCHEMA)
+        db.execute(tables.OBJECTS_TABLE)
         started = time.perf_counter()
         for n, batch in enumerate(batches):
             rows = chunks[n] if chunks is not None else _raw_rows([batch])[0]

@@ -111,7 +111,7 @@ from pathlib import Path
 import asyncpg
 from aio_pika.abc import AbstractRobustConnection
 
-from bench.report import Figure, as_table, profile_summary, progress
+from bench.report import Figure, as_details, as_table, profile_summary, progress
 from bench.rig import (
     _UNLIMITED_DEVICES,
     ROOT,
@@ -1008,9 +1008,7 @@ def main() -> None:
         )
     )
     print(as_table(figures))
-    for figure in figures:
-        extra = ", ".join(f"{key} {value:,.2f}" for key, value in figure.extra.items())
-        print(f"{figure.name}: {extra}\n  {figure.note}")
+    print(as_details(figures))
     print(f"(ran {time.monotonic() - started:.0f} s)")
     if args.profile is not None:
         print(profile_summary(args.profile))

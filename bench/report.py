@@ -94,6 +94,15 @@ def as_table(figures: Sequence[Figure]) -> str:
     return "\n".join(lines)
 
 
+def as_details(figures: Sequence[Figure]) -> str:
+    """Each figure's extra values and note, a figure per entry (after ``as_table``)."""
+    lines = []
+    for figure in figures:
+        extra = ", ".join(f"{key} {value:,.2f}" for key, value in figure.extra.items())
+        lines.append(f"{figure.name}: {extra}\n  {figure.note}")
+    return "\n".join(lines)
+
+
 def as_json(figures: Sequence[Figure]) -> str:
     """The whole run, for comparing runs: machine, figures, medians and ratios."""
     slowest = slowest_ceilings(figures)

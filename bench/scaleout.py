@@ -87,7 +87,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 from bench.pgproxy import delaying_proxy
-from bench.report import Figure, as_table, progress
+from bench.report import Figure, as_details, as_table, progress
 from bench.rig import (
     USER,
     AppliedBatches,
@@ -735,9 +735,7 @@ def main() -> None:
         )
     )
     print(as_table(figures))
-    for figure in figures:
-        extra = ", ".join(f"{key} {value:,.2f}" for key, value in figure.extra.items())
-        print(f"{figure.name}: {extra}\n  {figure.note}")
+    print(as_details(figures))
     print(f"(ran {time.perf_counter() - started:.0f} s)")
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import aiosqlite
 
 __all__ = [
+    "OBJECTS_TABLE",
     "RESYNC",
     "SCHEMA",
     "STORE_VERSION",
@@ -55,7 +56,7 @@ RESYNC = "resync_required"
 # Incremented when a new version of the store needs existing databases brought up to date.
 STORE_VERSION = 2
 
-SCHEMA = """
+OBJECTS_TABLE = """
 CREATE TABLE IF NOT EXISTS objects (
     entity TEXT NOT NULL,
     id INTEGER NOT NULL,
@@ -64,6 +65,10 @@ CREATE TABLE IF NOT EXISTS objects (
     dirty INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (entity, id)
 ) WITHOUT ROWID;
+"""
+SCHEMA = (
+    OBJECTS_TABLE
+    + """
 CREATE TABLE IF NOT EXISTS uncommitted (
     entity TEXT NOT NULL,
     id INTEGER NOT NULL,
@@ -99,6 +104,7 @@ CREATE TABLE IF NOT EXISTS device_state (
     updated_at TEXT NOT NULL
 ) WITHOUT ROWID;
 """
+)
 
 ObjectKey = tuple[str, int]
 # (entity, id, version, data): data is JSON text, or its UTF-8 bytes as the batch reader

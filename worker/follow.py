@@ -17,7 +17,6 @@ lock) after ``follow_takeover`` seconds. The others try for the lock every secon
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -29,7 +28,7 @@ import asyncpg
 from aio_pika.abc import AbstractExchange
 
 from broker.errors import ProgramError, Refused, Unroutable
-from broker.models import MAX_OBJECTS_PER_JOB, ObjectKey, Session, SyncJob
+from broker.models import MAX_OBJECTS_PER_JOB, ObjectKey, ObjectList, Session, SyncJob
 from broker.publishing import json_message, publish_confirmed
 from worker.capture import backlog, forget, overflowed_since, read_changes, start_over
 from worker.database import connect
@@ -83,18 +82,13 @@ def _claimed(job_id: str, device_id: str, push: Push) -> Claimed:
 
 def push_body(job_id: str, device_id: str, user_id: int, keys: Iterable[ObjectKey]) -> bytes:
     """A push job as JSON: a ``SyncJob`` listing the objects to refresh, by entity."""
-    lists = [
-        {"entity": entity, "ids": [object_id for _, object_id in group]}
+    lists = tuple(
+        ObjectList(entity, [object_id for _, object_id in group])
         for entity, group in groupby(sorted(keys), key=lambda key: key[0])
-    ]
-    job = {
-        "schema_version": 1,
-        "job_id": job_id,
-        "session": {"user_id": user_id, "device_id": device_id},
-        "origin": "nanoflow",
-        "lists": lists,
-    }
-    return json.dumps(job, separators=(",", ":")).encode()
+    )
+    session = Session(user_id=user_id, device_id=device_id)
+    job = SyncJob(job_id=job_id, session=session, origin="nanoflow", lists=lists)
+    return job.model_dump_json().encode()
 
 
 class FollowFeed:

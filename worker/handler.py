@@ -293,18 +293,16 @@ class JobHandler:
             answers[len(jobs) :] = [answers[-1]] + [
                 answer_of(SyncResult(job_id=c.job.job_id, status="done")) for c in pushes[1:]
             ]
-        holdings = self._holdings(found, [(d, job) for job, d, _ in per_job])
+        holdings = self._holdings(found, [decision for _, decision, _ in per_job])
         # Released with the answers, still under the lock: no later job's batch is lost
         # unseen.
         return answers, resync.since if resync is not None else None, holdings
 
-    def _holdings(
-        self, found: dict[str, Found], decisions: Sequence[tuple[Decision, SyncJob]]
-    ) -> list[Holding]:
+    def _holdings(self, found: dict[str, Found], decisions: Sequence[Decision]) -> list[Holding]:
         """What the device holds of followed objects after ``decisions``, the last one's
         word on an object counting."""
         holdings: dict[ObjectKey, Holding] = {}
-        for decision, _ in decisions:
+        for decision in decisions:
             for key, code in zip(decision.targets, decision.codes, strict=True):
                 if key[0] not in self._followed:
                     continue
