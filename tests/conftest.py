@@ -217,6 +217,21 @@ async def wait_for(
             await asyncio.sleep(every)
 
 
+async def until_committed(
+    device: Device,
+    entity: str,
+    object_id: int,
+    expected: dict[str, object] | None,
+    timeout: float = 10.0,
+) -> None:
+    """Wait until the device's committed state of the object is ``expected``."""
+
+    async def reached() -> bool:
+        return await device.store.get_committed(entity, object_id) == expected
+
+    await wait_for(reached, timeout=timeout)
+
+
 MakeDevice = Callable[..., Awaitable[Device]]
 
 
@@ -307,6 +322,51 @@ async def insert(pg: asyncpg.Connection, table: str, **values: object) -> int:
         f"INSERT INTO {table} ({columns}) VALUES ({params}) RETURNING id", *values.values()
     )
     return object_id
+
+
+# The follow tests' domain (tests/follow_model.yaml): orders, customers, regions, watches.
+FOLLOW_MODEL = Path(__file__).with_name("follow_model.yaml")
+FOLLOW_TABLES = ("f_order", "f_customer", "f_region", "f_watch", "f_memo")
+
+
+@pytest.fixture(scope="session")
+def follow_model() -> DomainModel:
+    return parse_model(FOLLOW_MODEL.read_text(), str(FOLLOW_MODEL))
+
+
+@pytest.fixture(scope="session")
+async def follow_schema(services: Services, schema: None, follow_model: DomainModel) -> None:
+    await install_model(services, follow_model, FOLLOW_TABLES)
+
+
+@pytest.fixture
+async def fpg(pg: asyncpg.Connection, follow_schema: None) -> asyncpg.Connection:
+    """``pg``, with the follow domain's tables, outbox and model stamps empty."""
+    await pg.execute(
+        f"TRUNCATE {', '.join(FOLLOW_TABLES)}, sync.change, sync.entity_rules RESTART IDENTITY"
+    )
+    await pg.execute("UPDATE sync.follow_state SET consumed = 0, overflowed_at = NULL")
+    return pg
+
+
+async def follow_world(pg: asyncpg.Connection) -> dict[str, int]:
+    """An open region with a customer and two orders; a closed region."""
+    open_region = await insert(pg, "f_region", name="north", open=True)
+    closed_region = await insert(pg, "f_region", name="south", open=False)
+    customer = await insert(pg, "f_customer", name="acme", region_id=open_region)
+    order = await insert(
+        pg, "f_order", title="pump", status="open", secret="s1", customer_id=customer
+    )
+    other = await insert(
+        pg, "f_order", title="valve", status="open", secret="s2", customer_id=customer
+    )
+    return {
+        "open": open_region,
+        "closed": closed_region,
+        "customer": customer,
+        "order": order,
+        "other": other,
+    }
 
 
 async def dead_letters(amqp: aio_pika.abc.AbstractRobustChannel) -> dict[str, str]:

@@ -9,9 +9,9 @@ import pytest
 from broker.models import SyncJob
 from broker.wire import decode
 from worker.capture import CaptureSpec, capture_specs
-from worker.follow import push_body
 from worker.impact import reverse_sql
 from worker.model import ModelError, parse_model
+from worker.pushes import push_body
 
 FOLLOW_MODEL = Path(__file__).with_name("follow_model.yaml")
 

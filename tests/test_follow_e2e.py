@@ -13,7 +13,6 @@ import os
 import sys
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import aio_pika
 import aiosqlite
@@ -25,44 +24,26 @@ from broker import ObjectRef, SyncClient
 from syncctl.accounts import BrokerAccounts
 from syncctl.devices import find_device, unregister_device
 from tests.conftest import (
+    FOLLOW_MODEL,
     ROOT,
     Device,
     MakeDevice,
     Services,
+    follow_world,
     insert,
-    install_model,
     run_process,
     spawn_worker,
     start_agent,
     stop_agent,
     sync_settled,
+    until_committed,
     wait_for,
     worker_settings,
 )
-from worker import DomainModel, Worker, parse_model
+from worker import DomainModel, Worker
 from worker.devices import DEVICE_LOCK_CLASS
 from worker.schema import init_database
 from worker.schema_check import schema_problems
-
-FOLLOW_MODEL = Path(__file__).with_name("follow_model.yaml")
-TABLES = ("f_order", "f_customer", "f_region", "f_watch", "f_memo")
-
-
-@pytest.fixture(scope="session")
-def follow_model() -> DomainModel:
-    return parse_model(FOLLOW_MODEL.read_text(), str(FOLLOW_MODEL))
-
-
-@pytest.fixture(scope="session")
-async def follow_schema(services: Services, schema: None, follow_model: DomainModel) -> None:
-    await install_model(services, follow_model, TABLES)
-
-
-@pytest.fixture
-async def fpg(pg: asyncpg.Connection, follow_schema: None) -> asyncpg.Connection:
-    await pg.execute(f"TRUNCATE {', '.join(TABLES)}, sync.change RESTART IDENTITY")
-    await pg.execute("UPDATE sync.follow_state SET consumed = 0, overflowed_at = NULL")
-    return pg
 
 
 @pytest.fixture
@@ -75,47 +56,14 @@ async def follow_worker(
     await running.stop()
 
 
-async def _world(pg: asyncpg.Connection) -> dict[str, int]:
-    """An open region with a customer and two orders; a closed region."""
-    open_region = await insert(pg, "f_region", name="north", open=True)
-    closed_region = await insert(pg, "f_region", name="south", open=False)
-    customer = await insert(pg, "f_customer", name="acme", region_id=open_region)
-    order = await insert(
-        pg, "f_order", title="pump", status="open", secret="s1", customer_id=customer
-    )
-    other = await insert(
-        pg, "f_order", title="valve", status="open", secret="s2", customer_id=customer
-    )
-    return {
-        "open": open_region,
-        "closed": closed_region,
-        "customer": customer,
-        "order": order,
-        "other": other,
-    }
-
-
 async def _holding(
     client: SyncClient, make_device: MakeDevice, pg: asyncpg.Connection, role: str
 ) -> tuple[dict[str, int], Device]:
     """The world, and a device of user 7 with ``role`` that was sent its first order."""
-    world = await _world(pg)
+    world = await follow_world(pg)
     device = await make_device(7, [role])
     await sync_settled(client, device, [ObjectRef("Order", world["order"])])
     return world, device
-
-
-async def _until(
-    device: Device,
-    entity: str,
-    object_id: int,
-    expected: dict[str, object] | None,
-    timeout: float = 10.0,
-) -> None:
-    async def reached() -> bool:
-        return await device.store.get_committed(entity, object_id) == expected
-
-    await wait_for(reached, timeout=timeout)
 
 
 async def test_an_update_reaches_the_holder_with_only_readable_members(
@@ -130,7 +78,7 @@ async def test_an_update_reaches_the_holder_with_only_readable_members(
     await fpg.execute(
         "UPDATE f_order SET title = 'big pump', secret = 'changed' WHERE id = $1", world["order"]
     )
-    await _until(clerk, "Order", world["order"], {"title": "big pump", "status": "open"})
+    await until_committed(clerk, "Order", world["order"], {"title": "big pump", "status": "open"})
 
 
 async def test_a_delete_removes_the_object_from_the_holder(
@@ -139,7 +87,7 @@ async def test_a_delete_removes_the_object_from_the_holder(
     world, boss = await _holding(client, make_device, fpg, "Boss")
 
     await fpg.execute("DELETE FROM f_order WHERE id = $1", world["order"])
-    await _until(boss, "Order", world["order"], None)
+    await until_committed(boss, "Order", world["order"], None)
     assert await fpg.fetchval("SELECT count(*) FROM sync.holding") == 0
 
 
@@ -153,13 +101,13 @@ async def test_losing_access_through_the_objects_own_attribute_removes_it(
     }
 
     await fpg.execute("UPDATE f_order SET status = 'closed' WHERE id = $1", world["order"])
-    await _until(owner, "Order", world["order"], None)
+    await until_committed(owner, "Order", world["order"], None)
 
 
 async def test_losing_access_through_an_object_two_hops_away_removes_it(
     follow_worker: Worker, client: SyncClient, make_device: MakeDevice, fpg: asyncpg.Connection
 ):
-    world = await _world(fpg)
+    world = await follow_world(fpg)
     clerk = await make_device(7, ["Clerk"])
     await sync_settled(
         client, clerk, [ObjectRef("Order", world["order"]), ObjectRef("Order", world["other"])]
@@ -167,14 +115,14 @@ async def test_losing_access_through_an_object_two_hops_away_removes_it(
 
     # The region closes: neither order may be read any more.
     await fpg.execute("UPDATE f_region SET open = false WHERE id = $1", world["open"])
-    await _until(clerk, "Order", world["order"], None)
-    await _until(clerk, "Order", world["other"], None)
+    await until_committed(clerk, "Order", world["order"], None)
+    await until_committed(clerk, "Order", world["other"], None)
 
 
 async def test_moving_a_related_object_away_removes_what_it_granted(
     follow_worker: Worker, client: SyncClient, make_device: MakeDevice, fpg: asyncpg.Connection
 ):
-    world = await _world(fpg)
+    world = await follow_world(fpg)
     watcher = await make_device(7, ["Watcher"])
     watch = await insert(fpg, "f_watch", order_id=world["order"], user_id=7)
     await sync_settled(client, watcher, [ObjectRef("Order", world["order"])])
@@ -182,7 +130,7 @@ async def test_moving_a_related_object_away_removes_what_it_granted(
 
     # The watch now names the other order: the first one's access went with its old value.
     await fpg.execute("UPDATE f_watch SET order_id = $1 WHERE id = $2", world["other"], watch)
-    await _until(watcher, "Order", world["order"], None)
+    await until_committed(watcher, "Order", world["order"], None)
     # Append mode: the other order was never sent, so it is not pushed either.
     assert await watcher.store.ids("Order") == []
 
@@ -193,13 +141,13 @@ async def test_losing_a_role_removes_what_it_granted(
     world, boss = await _holding(client, make_device, fpg, "Boss")
 
     await fpg.execute("DELETE FROM sync.user_role WHERE user_id = 7")
-    await _until(boss, "Order", world["order"], None)
+    await until_committed(boss, "Order", world["order"], None)
 
 
 async def test_an_unfollowed_entity_and_objects_never_sent_are_not_pushed(
     follow_worker: Worker, client: SyncClient, make_device: MakeDevice, fpg: asyncpg.Connection
 ):
-    world = await _world(fpg)
+    world = await follow_world(fpg)
     memo = await insert(fpg, "f_memo", text="first")
     boss = await make_device(7, ["Boss"])
     await sync_settled(client, boss, [ObjectRef("Memo", memo), ObjectRef("Order", world["order"])])
@@ -209,7 +157,7 @@ async def test_an_unfollowed_entity_and_objects_never_sent_are_not_pushed(
     await insert(fpg, "f_order", title="new", status="open", customer_id=world["customer"])
     # A change the device does get, after the others: once it is there, they were routed.
     await fpg.execute("UPDATE f_order SET title = 'marker' WHERE id = $1", world["order"])
-    await _until(
+    await until_committed(
         boss,
         "Order",
         world["order"],
@@ -295,7 +243,7 @@ async def test_a_change_while_the_first_sync_is_in_flight_still_reaches_the_devi
     fpg: asyncpg.Connection,
     services: Services,
 ):
-    world = await _world(fpg)
+    world = await follow_world(fpg)
     boss = await make_device(7, ["Boss"])
     blocker = await asyncpg.connect(services.database_url)
     try:
@@ -326,7 +274,7 @@ async def test_the_server_counts_what_a_device_holds_and_forgets_it_with_the_dev
     accounts: BrokerAccounts,
     services: Services,
 ):
-    world = await _world(fpg)
+    world = await follow_world(fpg)
     memo = await insert(fpg, "f_memo", text="not followed")
     boss = await make_device(7, ["Boss"])
     refs = [ObjectRef("Order", world["order"]), ObjectRef("Order", world["other"])]
@@ -372,7 +320,7 @@ async def test_past_the_backlog_limit_holding_devices_are_told_to_resync(
     fpg: asyncpg.Connection,
     clean_queues: None,
 ):
-    world = await _world(fpg)
+    world = await follow_world(fpg)
     boss = await make_device(7, ["Boss"])
     settings = worker_settings(services, model=FOLLOW_MODEL, follow_interval=0.05)
     worker = await Worker.start(settings, follow_model)
@@ -438,7 +386,7 @@ WHERE l.locktype = 'advisory' AND l.granted AND l.classid = $1 AND l.objid = 0
 
 async def _leader(pg: asyncpg.Connection) -> str | None:
     name: str | None = await pg.fetchval(_LEADER, DEVICE_LOCK_CLASS + 1)
-    return name.removesuffix(" follow") if name else None
+    return name.removesuffix(" follow feed") if name else None
 
 
 async def _burst(pg: asyncpg.Connection, ids: list[int], numbers: range) -> None:
@@ -456,7 +404,7 @@ async def test_the_leading_worker_killed_mid_burst_misses_nothing(
     fpg: asyncpg.Connection,
     clean_queues: None,
 ):
-    world = await _world(fpg)
+    world = await follow_world(fpg)
     boss = await make_device(7, ["Boss"])
     workers = {}
     for _ in range(2):
@@ -476,7 +424,7 @@ async def test_the_leading_worker_killed_mid_burst_misses_nothing(
         await fpg.execute("DELETE FROM f_order WHERE id = $1", world["other"])
 
         await wait_for(lambda: _title_is(boss, world["order"], "v79"), timeout=30)
-        await _until(boss, "Order", world["other"], None, timeout=30)
+        await until_committed(boss, "Order", world["other"], None, timeout=30)
         assert await _leader(fpg) not in (None, leader)
     finally:
         for process in workers.values():
@@ -496,7 +444,7 @@ async def test_postgresql_restarted_mid_feed_misses_nothing(
     fpg: asyncpg.Connection,
     services: Services,
 ):
-    world = await _world(fpg)
+    world = await follow_world(fpg)
     boss = await make_device(7, ["Boss"])
     ids = [world["order"], world["other"]]
     await sync_settled(client, boss, [ObjectRef("Order", i) for i in ids])
@@ -514,7 +462,7 @@ async def test_postgresql_restarted_mid_feed_misses_nothing(
         await conn.close()
 
     await wait_for(lambda: _title_is(boss, world["order"], "v59"), timeout=60)
-    await _until(boss, "Order", world["other"], None, timeout=60)
+    await until_committed(boss, "Order", world["other"], None, timeout=60)
 
 
 async def test_a_truncate_of_a_followed_table_tells_holding_devices_to_resync(
@@ -590,7 +538,7 @@ async def test_each_pushed_batch_is_logged_with_the_change_that_caused_it(
 
     await fpg.execute("UPDATE f_region SET name = 'far north' WHERE id = $1", world["open"])
     await fpg.execute("UPDATE f_region SET open = false WHERE id = $1", world["open"])
-    await _until(clerk, "Order", world["order"], None)
+    await until_committed(clerk, "Order", world["order"], None)
     pushed = [r for r in caplog.records if r.getMessage() == "follow batch pushed"]
     assert pushed
     assert {getattr(r, "device_id", None) for r in pushed} == {clerk.device_id}
@@ -624,9 +572,7 @@ async def test_a_device_busy_elsewhere_holds_up_neither_the_feed_nor_other_devic
         # The feed went on: the push for the busy device waits in the jobs queue.
         await wait_for(lambda: _queued(fpg))
         assert await _title_is(busy, world["order"], "pump")
-        assert any(
-            r.getMessage() == "follow pushes handed to the jobs queue" for r in caplog.records
-        )
+        assert any(r.getMessage() == "pushes handed to the jobs queue" for r in caplog.records)
     finally:
         await holder.close()
     await wait_for(lambda: _title_is(busy, world["order"], "news"))

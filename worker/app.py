@@ -29,7 +29,9 @@ from worker.handler import JobHandler
 from worker.limits import DeviceLimits
 from worker.lost import LostBatchConsumer
 from worker.model import DomainModel, load_model
+from worker.model_changes import ModelResync, stamp
 from worker.publisher import BatchPublisher
+from worker.pushes import PushService
 from worker.schema_check import check_schema, schema_problems
 from worker.settings import WorkerSettings
 
@@ -80,7 +82,8 @@ class Worker:
         self._forgetting = asyncio.create_task(
             forget_answers(pool, hours=settings.job_memory_hours)
         )
-        self._following: asyncio.Task[None] | None = None
+        # The follow feed, and bringing holders in line with a changed model.
+        self._background: list[asyncio.Task[None]] = []
 
     @classmethod
     async def start(cls, settings: WorkerSettings, model: DomainModel | None = None) -> Worker:
@@ -108,6 +111,7 @@ class Worker:
         try:
             async with pool.acquire() as conn:
                 await check_schema(conn, model)
+                changed = await stamp(conn, model) if model.followed else []
             connection = await connect(settings.amqp_url, settings.name)
         except BaseException:
             await pool.close()
@@ -140,20 +144,36 @@ class Worker:
         lost = LostBatchConsumer(pool)
         await worker._consume(await channel.get_queue(DEAD_CHANGES_QUEUE.name), lost.on_message)
         if model.followed:
-            feed = FollowFeed(
-                settings.database_url,
-                model,
-                await declare_exchange(channel, JOBS_EXCHANGE),
+            pushes = PushService(
                 consumer.serve_push,
-                name=settings.name,
+                await declare_exchange(channel, JOBS_EXCHANGE),
                 user_id=amqp_user(settings.amqp_url),
-                interval=settings.follow_interval,
-                chunk=settings.follow_chunk,
-                takeover=settings.follow_takeover,
                 publish_timeout=settings.publish_timeout,
                 window=settings.confirm_window,
             )
-            worker._following = asyncio.create_task(feed.run())
+            feed = FollowFeed(
+                settings.database_url,
+                model,
+                pushes,
+                name=settings.name,
+                interval=settings.follow_interval,
+                chunk=settings.follow_chunk,
+                takeover=settings.follow_takeover,
+            )
+            resync = ModelResync(
+                settings.database_url,
+                model,
+                pushes,
+                name=settings.name,
+                rate=settings.model_resync_rate,
+                takeover=settings.follow_takeover,
+            )
+            worker._background += [
+                asyncio.create_task(feed.run()),
+                asyncio.create_task(resync.run()),
+            ]
+        if changed:
+            log.info("model change: holders to bring in line", extra={"entities": changed})
         log.info("worker started", extra={"worker": settings.name, "prefetch": settings.prefetch})
         return worker
 
@@ -189,8 +209,8 @@ class Worker:
         Jobs still in hand after the grace period (say, waiting out a database outage) are
         cancelled unacked, so the broker hands them to another worker.
         """
-        if self._following is not None:
-            self._following.cancel()
+        for task in self._background:
+            task.cancel()
         for queue, tag in self._consuming:
             await queue.cancel(tag)
         started = time.monotonic()

@@ -31,11 +31,11 @@ from broker.wire import WireError, decode
 from worker.answers import Answer, answer_of
 from worker.eligibility import check_job_names
 from worker.errors import TRANSIENT_ERRORS, JobRejected
-from worker.follow import FOLLOW_HEADER
 from worker.handler import Claimed, JobHandler, claim, ignored
 from worker.limits import DeviceLimits
 from worker.metrics import DEVICE_LOCK_WAIT, record_failed_job, record_job
 from worker.model import DomainModel
+from worker.pushes import FOLLOW_HEADER
 from worker.scheduler import Busy, DeviceScheduler
 
 __all__ = ["RATE_LIMITED", "USER_HEADER", "JobConsumer", "job_id_of"]

@@ -31,6 +31,7 @@ __all__ = [
     "delete_devices",
     "find_device",
     "forget_unfollowed",
+    "held_of_entity",
     "holders_sql",
     "list_devices",
     "mark_lost",
@@ -293,3 +294,21 @@ def holders_sql(where: str) -> str:
     """The statement listing ``(device_id, user_id, entity, object_id)`` for the holdings
     (held or about to be) that ``where`` selects (over ``h``, and the device as ``d``)."""
     return _HOLDERS + where
+
+
+async def held_of_entity(
+    conn: asyncpg.Connection, entity: str, *, after: str, limit: int
+) -> list[tuple[str, int, list[int]]]:
+    """The next ``limit`` devices after ``after`` (by id) holding objects of ``entity``:
+    each with its owner and the ids it holds (confirmed holdings only: a pending one's
+    job is reading it now)."""
+    rows: Sequence[asyncpg.Record] = await conn.fetch(
+        "SELECT h.device_id, d.user_id, array_agg(h.object_id ORDER BY h.object_id) AS ids "
+        "FROM sync.holding h JOIN sync.device d ON d.device_id = h.device_id "
+        "WHERE h.entity = $1 AND h.device_id > $2 AND h.version IS NOT NULL "
+        "GROUP BY h.device_id, d.user_id ORDER BY h.device_id LIMIT $3",
+        entity,
+        after,
+        limit,
+    )
+    return [(row["device_id"], row["user_id"], list(row["ids"])) for row in rows]

@@ -29,6 +29,7 @@ __all__ = [
     "JOBS",
     "JOB_DURATION",
     "LOST_BATCHES",
+    "MODEL_RESYNC_DEVICES",
     "OBJECTS",
     "JobStatus",
     "record_failed_job",
@@ -71,6 +72,10 @@ FOLLOW_BACKLOG = Gauge(
     "sync_follow_backlog", "Captured changes waiting to be routed, as the leader saw last."
 )
 FOLLOW_LEADER = Gauge("sync_follow_leader", "1 while this worker leads the follow feed.")
+MODEL_RESYNC_DEVICES = Counter(
+    "sync_model_resync_devices_total",
+    "Devices pushed what they hold of an entity whose rules changed (worker.model_changes).",
+)
 
 # Every label value from the start, so a rate() over a quiet series reads 0, not nothing.
 for _status in _STATUSES:

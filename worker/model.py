@@ -8,6 +8,8 @@ with the position of the mistake (``entities.WorkOrder.access[0].read[1]: ...``)
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 from dataclasses import dataclass
 from functools import cached_property
 from importlib.resources import files
@@ -166,6 +168,30 @@ class DomainModel(_Spec):
     def followed(self) -> dict[str, Entity]:
         """The entities whose objects devices hold are kept fresh, by name."""
         return {name: entity for name, entity in self.entities.items() if entity.follow}
+
+    def fingerprint(self, name: str) -> str:
+        """What entity ``name``'s objects carry to a device, as a digest: its table and
+        members, and its checked rules (roles, members read, constraint as compiled, with
+        its constants). Equal digests send the same members of the same rows."""
+        entity = self.entities[name]
+        rules = sorted(
+            json.dumps(
+                [
+                    sorted(rule.roles),
+                    sorted(rule.reads),
+                    rule.constraint.template if rule.constraint else None,
+                    [repr(source) for source in rule.constraint.sources] if rule.constraint else [],
+                ]
+            )
+            for rule in self.rules(name)
+        )
+        shape = {
+            "table": entity.table,
+            "attributes": entity.attributes,
+            "associations": {key: [a.to, a.column] for key, a in entity.associations.items()},
+            "rules": rules,
+        }
+        return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:32]
 
     def paths(self, name: str) -> tuple[tuple[Hop, ...], ...]:
         """The association paths the constraints of entity ``name``'s rules follow."""

@@ -8,10 +8,11 @@ import re
 
 import asyncpg
 
-from worker import capture, devices
+from worker import capture, devices, model_changes
 from worker.capture import install_capture
 from worker.devices import DEVICES_SQL, forget_unfollowed
 from worker.model import AttributeType, DomainModel, Entity
+from worker.model_changes import ENTITY_RULES_SQL
 from worker.sql import quote_ident, quote_table
 
 __all__ = [
@@ -40,6 +41,7 @@ END
 $$;
 """
     + DEVICES_SQL
+    + ENTITY_RULES_SQL
 )
 
 _ROLE_PATTERN = r"[a-z_][a-z0-9_]{0,62}"
@@ -151,7 +153,7 @@ async def create_worker_role(
         for schema in [*schemas, "sync"]:
             await conn.execute(f"GRANT USAGE ON SCHEMA {quote_ident(schema)} TO {grantee}")
         await conn.execute(f"GRANT SELECT ON sync.user_role TO {grantee}")
-        for grant in (*devices.WORKER_GRANTS, *capture.WORKER_GRANTS):
+        for grant in (*devices.WORKER_GRANTS, *capture.WORKER_GRANTS, *model_changes.WORKER_GRANTS):
             await conn.execute(grant.format(role=grantee))
         for table in tables:
             await conn.execute(f"GRANT SELECT ON {quote_table(table)} TO {grantee}")

@@ -35,6 +35,7 @@ _SYNC_TABLES = {
 _FOLLOW_TABLES = {
     "sync.change": ("seq", "entity", "object_id", "refs", "captured_at"),
     "sync.follow_state": ("consumed", "backlog_limit", "overflowed_at"),
+    "sync.entity_rules": ("entity", "fingerprint", "resync_after"),
 }
 
 # The routines workers take and release devices with (worker.schema), as this role may run them.

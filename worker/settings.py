@@ -73,3 +73,6 @@ class WorkerSettings(ServerSettings):
     follow_chunk: int = Field(default=5_000, ge=1, le=100_000)
     # A leading worker frozen this long loses the feed to another.
     follow_takeover: float = Field(default=15.0, ge=2)
+    # After a model change, holders of the changed entities are pushed what they hold
+    # again (worker.model_changes): at most this many devices a second.
+    model_resync_rate: int = Field(default=50, ge=1, le=10_000)
