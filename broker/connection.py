@@ -1,16 +1,35 @@
-"""The one place that connects (and so reconnects) to RabbitMQ."""
+"""The one place that connects (and so reconnects) to RabbitMQ.
+
+A URL may name several nodes of a cluster, comma-separated
+(``amqp://u:p@host1:5672/,amqp://u:p@host2:5672/``): the first connection goes to the
+first node that answers, and a connection whose node dies reconnects to the next.
+"""
 
 from __future__ import annotations
 
+import logging
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
-import aio_pika
 import aiormq
+from aio_pika import RobustConnection
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
+from yarl import URL
 
 from broker.errors import AccessRefused, BrokerUnavailable, ConfigurationError
 
-__all__ = ["CONNECT_TIMEOUT", "amqp_user", "checked_url", "connect", "open_channel", "where"]
+__all__ = [
+    "CONNECT_TIMEOUT",
+    "amqp_urls",
+    "amqp_user",
+    "checked_url",
+    "connect",
+    "node_of",
+    "open_channel",
+    "where",
+]
+
+log = logging.getLogger(__name__)
 
 AMQP_URL_FORM = "RabbitMQ URL (amqp://user:password@host:port/vhost)"
 
@@ -19,9 +38,13 @@ CONNECT_TIMEOUT = 10.0
 
 
 def where(url: str) -> str:
-    """``host:port`` of a service URL, for messages: never the password."""
-    parts = urlsplit(url)
-    return f"{parts.hostname}:{parts.port}" if parts.port else str(parts.hostname)
+    """``host:port`` of a service URL (of each node, for several), for messages: never
+    the password."""
+    places = []
+    for one in url.split(","):
+        parts = urlsplit(one.strip())
+        places.append(f"{parts.hostname}:{parts.port}" if parts.port else str(parts.hostname))
+    return ", ".join(places)
 
 
 def checked_url(url: str, schemes: tuple[str, ...], form: str) -> str:
@@ -36,37 +59,86 @@ def checked_url(url: str, schemes: tuple[str, ...], form: str) -> str:
     return url
 
 
+def amqp_urls(amqp_url: str) -> list[str]:
+    """The nodes' URLs of a comma-separated ``amqp_url``, checked; all must log in as
+    the same user (a message's ``user_id`` is checked against it on any node)."""
+    urls = [
+        checked_url(one.strip(), ("amqp", "amqps"), AMQP_URL_FORM) for one in amqp_url.split(",")
+    ]
+    if len({urlsplit(url).username for url in urls}) > 1:
+        raise ConfigurationError("the RabbitMQ URLs of one connection must name the same user")
+    return urls
+
+
 def amqp_user(amqp_url: str) -> str:
     """The AMQP user a connection to ``amqp_url`` logs in as; the broker checks a
     message's ``user_id`` against it."""
-    username = urlsplit(amqp_url).username
+    username = urlsplit(amqp_url.split(",")[0].strip()).username
     return unquote(username) if username else "guest"
+
+
+class _NodesConnection(RobustConnection):
+    """A robust connection that tries the next node at each reconnection attempt, so a
+    connection whose node died comes back on a live one, where the robust channels
+    replay their declarations and consumers."""
+
+    def __init__(self, urls: list[URL], **kwargs: Any) -> None:
+        super().__init__(urls[0], **kwargs)
+        self._nodes = urls
+        self._node = 0
+        self._attempts = 0
+
+    async def _RobustConnection__connect_transport(self) -> None:
+        # aio-pika's one step per connection attempt (the reconnect loop calls it).
+        if self._attempts and len(self._nodes) > 1:
+            self._node = (self._node + 1) % len(self._nodes)
+            # The password may have changed since (update_secret): keep the current one.
+            self.url = self._nodes[self._node].with_password(self.url.password)
+            log.info("RabbitMQ: trying another node", extra={"node": node_of(self)})
+        self._attempts += 1
+        await super()._RobustConnection__connect_transport()  # type: ignore[misc]
+
+
+def node_of(connection: AbstractRobustConnection) -> str:
+    """``host:port`` of the node ``connection`` is (or is trying to be) connected to."""
+    url: URL = getattr(connection, "url")  # noqa: B009 (the abstract class does not name it)
+    return f"{url.host}:{url.port}"
 
 
 async def connect(url: str, name: str) -> AbstractRobustConnection:
     """A robust connection named ``name`` in the broker's connection list.
 
-    The robust connection reconnects by itself and replays the declarations and
-    consumers made on it; nothing else in the project retries connections. The first
-    connection does not retry: a wrong URL, a refused login or a broker out of reach
-    raise ``ConfigurationError``, ``AccessRefused`` or ``BrokerUnavailable`` at once.
+    The robust connection reconnects by itself (to the next node, when ``url`` names
+    several) and replays the declarations and consumers made on it; nothing else in the
+    project retries connections. The first connection tries each node once: a wrong URL,
+    a refused login or no node in reach raise ``ConfigurationError``, ``AccessRefused``
+    or ``BrokerUnavailable`` at once.
     """
-    try:
-        return await aio_pika.connect_robust(
-            checked_url(url, ("amqp", "amqps"), AMQP_URL_FORM),
+    urls = amqp_urls(url)
+    unreachable: list[str] = []
+    for first in range(len(urls)):
+        order = [URL(one) for one in urls[first:] + urls[:first]]
+        connection = _NodesConnection(
+            order,
             client_properties={"connection_name": name},
             reconnect_interval=1.0,
-            timeout=CONNECT_TIMEOUT,
         )
-    except aiormq.exceptions.ProbableAuthenticationError:
-        user = unquote(urlsplit(url).username or "guest")
-        raise AccessRefused(
-            f"RabbitMQ at {where(url)} refused the login of {user!r}: check the user and "
-            "its password (a device logs in as device.<id> with the secret `syncctl device "
-            "add` printed)"
-        ) from None
-    except (aiormq.exceptions.AMQPError, OSError, TimeoutError) as error:
-        raise BrokerUnavailable(f"cannot reach RabbitMQ at {where(url)}: {error!r}") from None
+        try:
+            await connection.connect(timeout=CONNECT_TIMEOUT)
+        except aiormq.exceptions.ProbableAuthenticationError:
+            await connection.close()
+            user = unquote(urlsplit(urls[first]).username or "guest")
+            raise AccessRefused(
+                f"RabbitMQ at {where(urls[first])} refused the login of {user!r}: check the "
+                "user and its password (a device logs in as device.<id> with the secret "
+                "`syncctl device add` printed)"
+            ) from None
+        except (aiormq.exceptions.AMQPError, OSError, TimeoutError) as error:
+            await connection.close()
+            unreachable.append(f"{where(urls[first])}: {error!r}")
+        else:
+            return connection
+    raise BrokerUnavailable(f"cannot reach RabbitMQ at {'; '.join(unreachable)}")
 
 
 async def open_channel(

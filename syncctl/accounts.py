@@ -8,6 +8,7 @@ from urllib.parse import quote, unquote, urlsplit
 import httpx
 
 from broker.accounts import device_account, device_permissions
+from broker.connection import amqp_urls
 from broker.errors import ProgramError
 
 __all__ = ["BrokerAccounts", "BrokerAccountsError"]
@@ -27,7 +28,8 @@ class BrokerAccounts:
     """
 
     def __init__(self, management_url: str, amqp_url: str) -> None:
-        parts = urlsplit(amqp_url)
+        # The broker's own URL (the first node's, when it names several).
+        parts = urlsplit(amqp_urls(amqp_url)[0])
         self._auth = (unquote(parts.username or "guest"), unquote(parts.password or "guest"))
         self._vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
         self._base = management_url.rstrip("/")
