@@ -10,14 +10,24 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    Strict,
+    model_serializer,
+    model_validator,
+)
 
 __all__ = [
     "DEVICE_ID_PATTERN",
     "ENTITY_NAME_PATTERN",
     "JOB_ID_PATTERN",
+    "MAX_CONSTRAINT_LENGTH",
     "MAX_ID",
     "MAX_OBJECTS_PER_JOB",
+    "MAX_QUERIES_PER_JOB",
     "Change",
     "ChangeBatch",
     "ObjectKey",
@@ -26,6 +36,7 @@ __all__ = [
     "ObjectRef",
     "Origin",
     "OverlayChange",
+    "Query",
     "RemoveChange",
     "RemoveReason",
     "ResyncChange",
@@ -46,6 +57,9 @@ JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"
 MAX_ID = 2**63 - 1
 # Bounds the work one job can cause; larger selections are split by the caller.
 MAX_OBJECTS_PER_JOB = 100_000
+# A query's constraint is parsed by the worker; these bound the parsing a job can cause.
+MAX_CONSTRAINT_LENGTH = 4_000
+MAX_QUERIES_PER_JOB = 100
 
 EntityName = Annotated[str, Field(pattern=ENTITY_NAME_PATTERN)]
 MemberName = Annotated[str, Field(pattern=MEMBER_NAME_PATTERN)]
@@ -100,6 +114,18 @@ class ObjectList(_Frozen):
         super().__init__(**{"entity": entity, "ids": tuple(ids)})
 
 
+class Query(_Frozen):
+    """The objects of one entity that match an XPath constraint (SPEC §5) and that the
+    user may read: ``Query("WorkOrder", "[status = 'Open']")``. The worker parses the
+    constraint with the access rules' compiler."""
+
+    entity: EntityName
+    constraint: Annotated[str, Field(min_length=1, max_length=MAX_CONSTRAINT_LENGTH)]
+
+    def __init__(self, entity: str, constraint: str) -> None:
+        super().__init__(**{"entity": entity, "constraint": constraint})
+
+
 class Session(_Frozen):
     """Who asks: the session's user and the device the call came from."""
 
@@ -127,6 +153,8 @@ class SyncJob(_Message):
     origin: Origin
     objects: tuple[ObjectRef, ...] = ()
     lists: tuple[ObjectList, ...] = ()
+    # Resolved by the worker into objects, appended to the named ones (``targets()``).
+    queries: tuple[Query, ...] = Field(default=(), max_length=MAX_QUERIES_PER_JOB)
     deleted: tuple[ObjectRef, ...] = ()
     new: tuple[ObjectRef, ...] = ()
     uncommitted: tuple[UncommittedChange, ...] = ()
@@ -140,6 +168,15 @@ class SyncJob(_Message):
                 f"job names {named + context} objects; at most {MAX_OBJECTS_PER_JOB} per job"
             )
         return self
+
+    @model_serializer(mode="wrap")
+    def _without_unused_queries(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Written only when there are some: workers from before queries refuse the field
+        # (extra="forbid"), and keep reading every other job as they did.
+        data: dict[str, Any] = handler(self)
+        if not self.queries:
+            data.pop("queries", None)
+        return data
 
     def targets(self) -> list[ObjectKey]:
         """The named objects as ``(entity, id)``, each once, in the order first named.

@@ -22,10 +22,13 @@ from broker.errors import ProgramError
 from broker.logs import configure_logging
 from broker.models import (
     DEVICE_ID_PATTERN,
+    ENTITY_NAME_PATTERN,
     JOB_ID_PATTERN,
+    MAX_CONSTRAINT_LENGTH,
     MAX_ID,
     MEMBER_NAME_PATTERN,
     ObjectRef,
+    Query,
     Session,
 )
 from broker.runtime import run_program
@@ -101,6 +104,26 @@ def _ref(text: str) -> ObjectRef:
         return ObjectRef(entity, the_id)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: {entity!r} is not an entity name") from None
+
+
+def _query(text: str) -> Query:
+    """``Entity[constraint]``: the entity's name up to the first ``[``, then its constraint."""
+    entity, bracket, rest = text.partition("[")
+    entity = entity.strip()
+    if not bracket or not entity:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected Entity[constraint], e.g. 'WorkOrder[status = \"Open\"]'"
+        )
+    try:
+        return Query(entity, bracket + rest)
+    except ValueError:
+        if not re.fullmatch(ENTITY_NAME_PATTERN, entity):
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: {entity!r} is not an entity name"
+            ) from None
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: the constraint is longer than {MAX_CONSTRAINT_LENGTH} characters"
+        ) from None
 
 
 def _device_id(text: str) -> str:
@@ -297,6 +320,7 @@ async def sync(args: argparse.Namespace, settings: ServerSettings) -> int:
             result = await client.synchronize_to_device(
                 Session(user_id=args.user, device_id=args.device),
                 objects=args.objects,
+                queries=args.query,
                 deleted=args.deleted,
                 new=args.new,
                 origin=args.origin,
@@ -393,6 +417,14 @@ def _parser() -> argparse.ArgumentParser:
     call.add_argument("--user", type=_user_id, required=True)
     call.add_argument("--device", type=_device_id, required=True)
     call.add_argument("objects", nargs="*", type=_ref, metavar="Entity:id")
+    call.add_argument(
+        "--query",
+        action="append",
+        type=_query,
+        default=[],
+        metavar="'Entity[constraint]'",
+        help="the objects matching an XPath constraint that the user may read (repeatable)",
+    )
     call.add_argument("--deleted", nargs="*", type=_ref, default=[], metavar="Entity:id")
     call.add_argument("--new", nargs="*", type=_ref, default=[], metavar="Entity:id")
     call.add_argument("--origin", choices=["nanoflow", "event"], default="nanoflow")
