@@ -8,7 +8,7 @@ version.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -93,37 +93,56 @@ class _Message(_Frozen):
 ObjectKey = tuple[str, int]
 
 
-class ObjectRef(_Frozen):
+class _Positional(_Frozen):
+    """A part callers build positionally, fields in the order of ``_positional``.
+
+    Validation calls a model's own ``__init__`` with the input's keys as they are, so it
+    takes any keys: a missing or unknown field gets pydantic's error, not a TypeError."""
+
+    _positional: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, *args: Any, **fields: Any) -> None:
+        if len(args) > len(self._positional):
+            raise TypeError(f"{type(self).__name__} takes {len(self._positional)} arguments")
+        super().__init__(**dict(zip(self._positional, args, strict=False)), **fields)
+
+
+class ObjectRef(_Positional):
     """One object, by entity and id: ``ObjectRef("WorkOrder", 1)``."""
 
+    _positional = ("entity", "id")
     entity: EntityName
     id: ObjectId
 
-    def __init__(self, entity: str, id: int) -> None:
-        # Positional construction for callers; the fields still validate as usual.
-        super().__init__(**{"entity": entity, "id": id})
+    if TYPE_CHECKING:
+
+        def __init__(self, entity: str, id: int) -> None: ...
 
 
-class ObjectList(_Frozen):
+class ObjectList(_Positional):
     """A list of objects of one entity: ``ObjectList("WorkOrder", [1, 2, 3])``."""
 
+    _positional = ("entity", "ids")
     entity: EntityName
     ids: tuple[ObjectId, ...]
 
-    def __init__(self, entity: str, ids: list[int] | tuple[int, ...]) -> None:
-        super().__init__(**{"entity": entity, "ids": tuple(ids)})
+    if TYPE_CHECKING:
+
+        def __init__(self, entity: str, ids: list[int] | tuple[int, ...]) -> None: ...
 
 
-class Query(_Frozen):
+class Query(_Positional):
     """The objects of one entity that match an XPath constraint (SPEC §5) and that the
     user may read: ``Query("WorkOrder", "[status = 'Open']")``. The worker parses the
     constraint with the access rules' compiler."""
 
+    _positional = ("entity", "constraint")
     entity: EntityName
     constraint: Annotated[str, Field(min_length=1, max_length=MAX_CONSTRAINT_LENGTH)]
 
-    def __init__(self, entity: str, constraint: str) -> None:
-        super().__init__(**{"entity": entity, "constraint": constraint})
+    if TYPE_CHECKING:
+
+        def __init__(self, entity: str, constraint: str) -> None: ...
 
 
 class Session(_Frozen):
