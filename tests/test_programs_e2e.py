@@ -188,6 +188,22 @@ _REF_FORM = "expected Entity:id with a positive integer id, e.g. WorkOrder:1"
             ["'a b' is not a job id"],
         ),
         (["schema", "nope"], ["invalid choice: 'nope'"]),
+        (
+            ["sync", "--user", "5", "--device", "d1", "--query", "Task"],
+            ["argument --query: 'Task': expected Entity[constraint]"],
+        ),
+        (
+            ["sync", "--user", "5", "--device", "d1", "--query", "[status = 'x']"],
+            ["expected Entity[constraint]"],
+        ),
+        (
+            ["sync", "--user", "5", "--device", "d1", "--query", "Bad name[a = 1]"],
+            ["'Bad name' is not an entity name"],
+        ),
+        (
+            ["sync", "--user", "5", "--device", "d1", "--query", "Task[" + "a" * 4000 + "]"],
+            ["the constraint is longer than 4000 characters"],
+        ),
     ],
 )
 async def test_syncctl_usage_error_exits_2_with_the_expected_form(
