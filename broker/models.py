@@ -57,7 +57,8 @@ JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"
 MAX_ID = 2**63 - 1
 # Bounds the work one job can cause; larger selections are split by the caller.
 MAX_OBJECTS_PER_JOB = 100_000
-# A query's constraint is parsed by the worker; these bound the parsing a job can cause.
+# Queries' constraints are parsed by the worker; these bound the parsing a job can cause
+# (the length is of all the job's constraints together).
 MAX_CONSTRAINT_LENGTH = 4_000
 MAX_QUERIES_PER_JOB = 100
 
@@ -185,6 +186,12 @@ class SyncJob(_Message):
         if named + context > MAX_OBJECTS_PER_JOB:
             raise ValueError(
                 f"job names {named + context} objects; at most {MAX_OBJECTS_PER_JOB} per job"
+            )
+        text = sum(len(query.constraint) for query in self.queries)
+        if text > MAX_CONSTRAINT_LENGTH:
+            raise ValueError(
+                f"the queries' constraints have {text} characters; at most "
+                f"{MAX_CONSTRAINT_LENGTH} per job"
             )
         return self
 

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import asyncpg
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
+from pydantic import ValidationError
 
 from broker.accounts import device_account
 from broker.client import SyncClient
 from broker.connection import connect, open_channel
-from broker.errors import ProgramError
+from broker.errors import ConfigurationError, ProgramError
 from broker.logs import configure_logging
 from broker.models import (
     DEVICE_ID_PATTERN,
@@ -329,6 +330,10 @@ async def sync(args: argparse.Namespace, settings: ServerSettings) -> int:
             )
         except TimeoutError:
             raise await _no_result(settings, job_id, args.timeout) from None
+        except ValidationError as error:
+            # Each argument was checked; the job as a whole may still be out of bounds.
+            message = error.errors()[0]["msg"].removeprefix("Value error, ")
+            raise ConfigurationError(f"not a valid job: {message}") from None
     print(result.model_dump_json(indent=2))
     return 0 if result.status != "rejected" else 1
 

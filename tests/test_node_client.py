@@ -224,6 +224,7 @@ async def test_the_client_leaves_queries_out_when_there_are_none_and_bounds_them
       empty: bad([query('')]),
       long: bad([query('x'.repeat(c.MAX_CONSTRAINT_LENGTH + 1))]),
       many: bad(Array(c.MAX_QUERIES_PER_JOB + 1).fill(query('[a]'))),
+      text: bad([query('x'.repeat(c.MAX_CONSTRAINT_LENGTH)), query('[a]')]),
     }));
     """
     run = await _node(node, "-e", script)
@@ -232,7 +233,7 @@ async def test_the_client_leaves_queries_out_when_there_are_none_and_bounds_them
     assert "queries" not in built["job"]
     assert built["job"] == json.loads(SyncJob.model_validate(built["job"]).model_dump_json())
     assert built["limits"] == [models.MAX_QUERIES_PER_JOB, models.MAX_CONSTRAINT_LENGTH]
-    assert (built["empty"], built["long"], built["many"]) == ("InvalidJob",) * 3
+    assert (built["empty"], built["long"], built["many"], built["text"]) == ("InvalidJob",) * 4
 
 
 @pytest.mark.usefixtures("worker")

@@ -215,6 +215,30 @@ async def test_syncctl_usage_error_exits_2_with_the_expected_form(
 # 2. Services down or wrong.
 
 
+async def test_syncctl_sync_with_queries_too_long_together_is_a_usage_error(
+    services: Services,
+):
+    half = "Task[" + "a" * 2500 + "]"
+    _fails(
+        await _run(
+            services,
+            "syncctl",
+            "sync",
+            "--user",
+            "5",
+            "--device",
+            "d1",
+            "--query",
+            half,
+            "--query",
+            half,
+        ),
+        2,
+        "syncctl: not a valid job: the queries' constraints have 5004 characters; "
+        "at most 4000 per job",
+    )
+
+
 async def test_syncctl_with_a_malformed_database_url_is_a_usage_error(services: Services):
     _fails(
         await _run(services, "syncctl", "--database-url", "garbage", "device", "list"),

@@ -66,6 +66,11 @@ def test_a_job_without_queries_is_written_as_before_queries():
             "invalid-job: queries: Tuple should have at most 100 items",
         ),
         (
+            [{"entity": "Task", "constraint": "[" + "a" * 1998 + "]"}] * 2
+            + [{"entity": "Task", "constraint": "[]"}],
+            "invalid-job: the queries' constraints have 4002 characters; at most 4000 per job",
+        ),
+        (
             [{"entity": "Task", "constraint": "[a = 1]", "sql": "x"}],
             "invalid-job: queries.0.sql: Extra inputs are not permitted",
         ),

@@ -185,6 +185,12 @@ function buildJob(session, targets = {}) {
   if (job.queries.length > MAX_QUERIES_PER_JOB) {
     throw new InvalidJob(`job has ${job.queries.length} queries; at most ${MAX_QUERIES_PER_JOB}`);
   }
+  const text = job.queries.reduce((n, query) => n + [...query.constraint].length, 0);
+  if (text > MAX_CONSTRAINT_LENGTH) {
+    throw new InvalidJob(
+      `the queries' constraints have ${text} characters; at most ${MAX_CONSTRAINT_LENGTH} per job`,
+    );
+  }
   // Left out when empty: workers from before queries refuse the field.
   if (job.queries.length === 0) delete job.queries;
   return job;
