@@ -22,6 +22,7 @@ from broker.models import (
     ObjectList,
     ObjectRef,
     Origin,
+    Query,
     Session,
     SyncJob,
     SyncResult,
@@ -116,6 +117,7 @@ class SyncClient(AsyncClosable):
         *,
         objects: Iterable[ObjectRef] = (),
         lists: Iterable[ObjectList] = (),
+        queries: Iterable[Query] = (),
         deleted: Iterable[ObjectRef] = (),
         new: Iterable[ObjectRef] = (),
         uncommitted: Mapping[ObjectRef, Mapping[str, Any]] | None = None,
@@ -132,6 +134,7 @@ class SyncClient(AsyncClosable):
         *,
         objects: Iterable[ObjectRef] = (),
         lists: Iterable[ObjectList] = (),
+        queries: Iterable[Query] = (),
         deleted: Iterable[ObjectRef] = (),
         new: Iterable[ObjectRef] = (),
         uncommitted: Mapping[ObjectRef, Mapping[str, Any]] | None = None,
@@ -147,6 +150,7 @@ class SyncClient(AsyncClosable):
         *,
         objects: Iterable[ObjectRef] = (),
         lists: Iterable[ObjectList] = (),
+        queries: Iterable[Query] = (),
         deleted: Iterable[ObjectRef] = (),
         new: Iterable[ObjectRef] = (),
         uncommitted: Mapping[ObjectRef, Mapping[str, Any]] | None = None,
@@ -155,7 +159,8 @@ class SyncClient(AsyncClosable):
         timeout: float = 10.0,
         job_id: str | None = None,
     ) -> SyncResult | str:
-        """Ask to synchronize objects and lists to the session's device.
+        """Ask to synchronize objects and lists to the session's device. ``queries``
+        name lists by constraint: the worker lists the matching objects the user may read.
 
         With ``wait=True`` returns the worker's ``SyncResult`` (raises ``TimeoutError``
         after ``timeout`` seconds); otherwise returns the job id once the broker has
@@ -167,6 +172,7 @@ class SyncClient(AsyncClosable):
             origin=origin,
             objects=tuple(objects),
             lists=tuple(lists),
+            queries=tuple(queries),
             deleted=tuple(deleted),
             new=tuple(new),
             uncommitted=tuple(

@@ -8,16 +8,26 @@ version.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    Strict,
+    model_serializer,
+    model_validator,
+)
 
 __all__ = [
     "DEVICE_ID_PATTERN",
     "ENTITY_NAME_PATTERN",
     "JOB_ID_PATTERN",
+    "MAX_CONSTRAINT_LENGTH",
     "MAX_ID",
     "MAX_OBJECTS_PER_JOB",
+    "MAX_QUERIES_PER_JOB",
     "Change",
     "ChangeBatch",
     "ObjectKey",
@@ -26,6 +36,7 @@ __all__ = [
     "ObjectRef",
     "Origin",
     "OverlayChange",
+    "Query",
     "RemoveChange",
     "RemoveReason",
     "ResyncChange",
@@ -46,6 +57,10 @@ JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"
 MAX_ID = 2**63 - 1
 # Bounds the work one job can cause; larger selections are split by the caller.
 MAX_OBJECTS_PER_JOB = 100_000
+# Queries' constraints are parsed by the worker; these bound the parsing a job can cause
+# (the length is of all the job's constraints together).
+MAX_CONSTRAINT_LENGTH = 4_000
+MAX_QUERIES_PER_JOB = 100
 
 EntityName = Annotated[str, Field(pattern=ENTITY_NAME_PATTERN)]
 MemberName = Annotated[str, Field(pattern=MEMBER_NAME_PATTERN)]
@@ -79,25 +94,56 @@ class _Message(_Frozen):
 ObjectKey = tuple[str, int]
 
 
-class ObjectRef(_Frozen):
+class _Positional(_Frozen):
+    """A part callers build positionally, fields in the order of ``_positional``.
+
+    Validation calls a model's own ``__init__`` with the input's keys as they are, so it
+    takes any keys: a missing or unknown field gets pydantic's error, not a TypeError."""
+
+    _positional: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, *args: Any, **fields: Any) -> None:
+        if len(args) > len(self._positional):
+            raise TypeError(f"{type(self).__name__} takes {len(self._positional)} arguments")
+        super().__init__(**dict(zip(self._positional, args, strict=False)), **fields)
+
+
+class ObjectRef(_Positional):
     """One object, by entity and id: ``ObjectRef("WorkOrder", 1)``."""
 
+    _positional = ("entity", "id")
     entity: EntityName
     id: ObjectId
 
-    def __init__(self, entity: str, id: int) -> None:
-        # Positional construction for callers; the fields still validate as usual.
-        super().__init__(**{"entity": entity, "id": id})
+    if TYPE_CHECKING:
+
+        def __init__(self, entity: str, id: int) -> None: ...
 
 
-class ObjectList(_Frozen):
+class ObjectList(_Positional):
     """A list of objects of one entity: ``ObjectList("WorkOrder", [1, 2, 3])``."""
 
+    _positional = ("entity", "ids")
     entity: EntityName
     ids: tuple[ObjectId, ...]
 
-    def __init__(self, entity: str, ids: list[int] | tuple[int, ...]) -> None:
-        super().__init__(**{"entity": entity, "ids": tuple(ids)})
+    if TYPE_CHECKING:
+
+        def __init__(self, entity: str, ids: list[int] | tuple[int, ...]) -> None: ...
+
+
+class Query(_Positional):
+    """The objects of one entity that match an XPath constraint (SPEC §5) and that the
+    user may read: ``Query("WorkOrder", "[status = 'Open']")``. The worker parses the
+    constraint with the access rules' compiler."""
+
+    _positional = ("entity", "constraint")
+    entity: EntityName
+    constraint: Annotated[str, Field(min_length=1, max_length=MAX_CONSTRAINT_LENGTH)]
+
+    if TYPE_CHECKING:
+
+        def __init__(self, entity: str, constraint: str) -> None: ...
 
 
 class Session(_Frozen):
@@ -127,6 +173,8 @@ class SyncJob(_Message):
     origin: Origin
     objects: tuple[ObjectRef, ...] = ()
     lists: tuple[ObjectList, ...] = ()
+    # Resolved by the worker into objects, appended to the named ones (``targets()``).
+    queries: tuple[Query, ...] = Field(default=(), max_length=MAX_QUERIES_PER_JOB)
     deleted: tuple[ObjectRef, ...] = ()
     new: tuple[ObjectRef, ...] = ()
     uncommitted: tuple[UncommittedChange, ...] = ()
@@ -139,7 +187,22 @@ class SyncJob(_Message):
             raise ValueError(
                 f"job names {named + context} objects; at most {MAX_OBJECTS_PER_JOB} per job"
             )
+        text = sum(len(query.constraint) for query in self.queries)
+        if text > MAX_CONSTRAINT_LENGTH:
+            raise ValueError(
+                f"the queries' constraints have {text} characters; at most "
+                f"{MAX_CONSTRAINT_LENGTH} per job"
+            )
         return self
+
+    @model_serializer(mode="wrap")
+    def _without_unused_queries(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Written only when there are some: workers from before queries refuse the field
+        # (extra="forbid"), and keep reading every other job as they did.
+        data: dict[str, Any] = handler(self)
+        if not self.queries:
+            data.pop("queries", None)
+        return data
 
     def targets(self) -> list[ObjectKey]:
         """The named objects as ``(entity, id)``, each once, in the order first named.

@@ -14,18 +14,22 @@ from pathlib import Path
 
 import asyncpg
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
+from pydantic import ValidationError
 
 from broker.accounts import device_account
 from broker.client import SyncClient
 from broker.connection import connect, open_channel
-from broker.errors import ProgramError
+from broker.errors import ConfigurationError, ProgramError
 from broker.logs import configure_logging
 from broker.models import (
     DEVICE_ID_PATTERN,
+    ENTITY_NAME_PATTERN,
     JOB_ID_PATTERN,
+    MAX_CONSTRAINT_LENGTH,
     MAX_ID,
     MEMBER_NAME_PATTERN,
     ObjectRef,
+    Query,
     Session,
 )
 from broker.runtime import run_program
@@ -101,6 +105,26 @@ def _ref(text: str) -> ObjectRef:
         return ObjectRef(entity, the_id)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: {entity!r} is not an entity name") from None
+
+
+def _query(text: str) -> Query:
+    """``Entity[constraint]``: the entity's name up to the first ``[``, then its constraint."""
+    entity, bracket, rest = text.partition("[")
+    entity = entity.strip()
+    if not bracket or not entity:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected Entity[constraint], e.g. 'WorkOrder[status = \"Open\"]'"
+        )
+    try:
+        return Query(entity, bracket + rest)
+    except ValueError:
+        if not re.fullmatch(ENTITY_NAME_PATTERN, entity):
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: {entity!r} is not an entity name"
+            ) from None
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: the constraint is longer than {MAX_CONSTRAINT_LENGTH} characters"
+        ) from None
 
 
 def _device_id(text: str) -> str:
@@ -297,6 +321,7 @@ async def sync(args: argparse.Namespace, settings: ServerSettings) -> int:
             result = await client.synchronize_to_device(
                 Session(user_id=args.user, device_id=args.device),
                 objects=args.objects,
+                queries=args.query,
                 deleted=args.deleted,
                 new=args.new,
                 origin=args.origin,
@@ -305,6 +330,10 @@ async def sync(args: argparse.Namespace, settings: ServerSettings) -> int:
             )
         except TimeoutError:
             raise await _no_result(settings, job_id, args.timeout) from None
+        except ValidationError as error:
+            # Each argument was checked; the job as a whole may still be out of bounds.
+            message = error.errors()[0]["msg"].removeprefix("Value error, ")
+            raise ConfigurationError(f"not a valid job: {message}") from None
     print(result.model_dump_json(indent=2))
     return 0 if result.status != "rejected" else 1
 
@@ -393,6 +422,14 @@ def _parser() -> argparse.ArgumentParser:
     call.add_argument("--user", type=_user_id, required=True)
     call.add_argument("--device", type=_device_id, required=True)
     call.add_argument("objects", nargs="*", type=_ref, metavar="Entity:id")
+    call.add_argument(
+        "--query",
+        action="append",
+        type=_query,
+        default=[],
+        metavar="'Entity[constraint]'",
+        help="the objects matching an XPath constraint that the user may read (repeatable)",
+    )
     call.add_argument("--deleted", nargs="*", type=_ref, default=[], metavar="Entity:id")
     call.add_argument("--new", nargs="*", type=_ref, default=[], metavar="Entity:id")
     call.add_argument("--origin", choices=["nanoflow", "event"], default="nanoflow")

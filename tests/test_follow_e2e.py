@@ -20,7 +20,7 @@ import asyncpg
 import pytest
 from prometheus_client import REGISTRY
 
-from broker import ObjectRef, SyncClient
+from broker import ObjectRef, Query, SyncClient
 from syncctl.accounts import BrokerAccounts
 from syncctl.devices import find_device, unregister_device
 from tests.conftest import (
@@ -260,6 +260,35 @@ async def test_a_change_while_the_first_sync_is_in_flight_still_reaches_the_devi
         await wait_for(lambda: _queued(fpg))
         await transaction.commit()
         assert (await job).status == "done"
+    finally:
+        await blocker.close()
+    await wait_for(lambda: _title_is(boss, world["order"], "meanwhile"))
+
+
+async def test_a_change_while_a_query_sync_is_in_flight_still_reaches_the_device(
+    follow_worker: Worker,
+    client: SyncClient,
+    make_device: MakeDevice,
+    fpg: asyncpg.Connection,
+    services: Services,
+):
+    # As above, for an object a query found: it is only known after the device was taken.
+    world = await follow_world(fpg)
+    boss = await make_device(7, ["Boss"])
+    blocker = await asyncpg.connect(services.database_url)
+    try:
+        transaction = blocker.transaction()
+        await transaction.start()
+        await blocker.execute("LOCK TABLE sync.job_result IN EXCLUSIVE MODE")
+        job = asyncio.create_task(
+            client.synchronize_to_device(boss.session, queries=[Query("Order", "[title = 'pump']")])
+        )
+        await wait_for(lambda: _title_is(boss, world["order"], "pump"))
+        await fpg.execute("UPDATE f_order SET title = 'meanwhile' WHERE id = $1", world["order"])
+        await wait_for(lambda: _queued(fpg))
+        await transaction.commit()
+        result = await job
+        assert (result.status, [o.id for o in result.objects]) == ("done", [world["order"]])
     finally:
         await blocker.close()
     await wait_for(lambda: _title_is(boss, world["order"], "meanwhile"))

@@ -188,6 +188,22 @@ _REF_FORM = "expected Entity:id with a positive integer id, e.g. WorkOrder:1"
             ["'a b' is not a job id"],
         ),
         (["schema", "nope"], ["invalid choice: 'nope'"]),
+        (
+            ["sync", "--user", "5", "--device", "d1", "--query", "Task"],
+            ["argument --query: 'Task': expected Entity[constraint]"],
+        ),
+        (
+            ["sync", "--user", "5", "--device", "d1", "--query", "[status = 'x']"],
+            ["expected Entity[constraint]"],
+        ),
+        (
+            ["sync", "--user", "5", "--device", "d1", "--query", "Bad name[a = 1]"],
+            ["'Bad name' is not an entity name"],
+        ),
+        (
+            ["sync", "--user", "5", "--device", "d1", "--query", "Task[" + "a" * 4000 + "]"],
+            ["the constraint is longer than 4000 characters"],
+        ),
     ],
 )
 async def test_syncctl_usage_error_exits_2_with_the_expected_form(
@@ -197,6 +213,30 @@ async def test_syncctl_usage_error_exits_2_with_the_expected_form(
 
 
 # 2. Services down or wrong.
+
+
+async def test_syncctl_sync_with_queries_too_long_together_is_a_usage_error(
+    services: Services,
+):
+    half = "Task[" + "a" * 2500 + "]"
+    _fails(
+        await _run(
+            services,
+            "syncctl",
+            "sync",
+            "--user",
+            "5",
+            "--device",
+            "d1",
+            "--query",
+            half,
+            "--query",
+            half,
+        ),
+        2,
+        "syncctl: not a valid job: the queries' constraints have 5004 characters; "
+        "at most 4000 per job",
+    )
 
 
 async def test_syncctl_with_a_malformed_database_url_is_a_usage_error(services: Services):

@@ -110,6 +110,9 @@ def test_not_parentheses_functions_constants_and_paths():
         ("[matches(a, 'x')]", 1, "unsupported function matches()"),
         ("[contains(a 'x')]", 12, "expected ','"),
         ("[a = 1 # 2]", 7, "unexpected character '#'"),
+        ("[a = 'x\0y']", 7, "unexpected character '\\x00'"),
+        ("[" + "(" * 33 + "a = 1" + ")" * 33 + "]", 33, "nested too deeply: at most 32 levels"),
+        ("[" + "not(" * 33 + "a = 1" + ")" * 33 + "]", 132, "nested too deeply"),
     ],
 )
 def test_syntax_errors_say_where_and_what_was_expected(text: str, position: int, message: str):
@@ -155,6 +158,8 @@ def test_error_shows_line_column_and_a_caret():
         ("[cost = true()]", (8, 14), "cost is a decimal, not comparable with a boolean"),
         ("[due = 5]", (7, 8), "due is a datetime, not comparable with a number"),
         ("[due = 'tomorrow']", (7, 17), "not an ISO 8601 date or time: 'tomorrow'"),
+        ("[priority = 9223372036854775808]", (12, 31), "out of range for a 64-bit integer"),
+        ("[Ticket_Owner = -9223372036854775809]", (16, 36), "out of range for a 64-bit"),
         (
             "[due = '[%CurrentUser%]']",
             (7, 24),
@@ -244,3 +249,40 @@ def test_bad_constraint_fails_the_model_load_with_the_rules_position():
     assert raised.value.where == "entities.A.access[1].constraint"
     assert "line 1, column 2: unknown member 'stauts' of A" in str(raised.value)
     assert str(raised.value).endswith("[stauts = 'x']\n   ^^^^^^")
+
+
+def test_nesting_up_to_the_limit_parses():
+    parse("[" + "not((" * 16 + "a = 1" + "))" * 16 + "]")
+
+
+def test_double_quoted_strings_are_values_as_single_quoted_ones_are():
+    double, _ = _compile('[status = "it\'s ""open"""]')
+    single, params = _compile("[status = 'it''s \"open\"']")
+    assert double == single
+    assert params.values(user_id=7) == ['it\'s "open"']
+
+
+def test_a_constraint_knows_the_members_of_its_own_entity_it_reads():
+    constraint = check_constraint(
+        "[status = 'x'][contains(title, 'y') or Ticket_Owner = empty]"
+        "[Ticket_Project/Project/name = 'z']",
+        entities=MODEL.entities,
+        entity="Ticket",
+    )
+    assert constraint.members == {"status", "title", "Ticket_Owner", "Ticket_Project"}
+
+
+@pytest.mark.parametrize(
+    ("text", "span"),
+    [
+        ("[Ticket_Project/Project/name = 'x']", (1, 23)),
+        ("[status = 'x' or Ticket_Owner/System.User/System.UserRoles = 'y']", (17, 41)),
+    ],
+)
+def test_without_hops_a_path_to_another_object_is_refused_where_it_starts(
+    text: str, span: tuple[int, int]
+):
+    with pytest.raises(ConstraintError) as raised:
+        check_constraint(text, entities=MODEL.entities, entity="Ticket", hops=False)
+    assert (raised.value.position, raised.value.end) == span
+    assert raised.value.message.startswith("a query cannot follow association")

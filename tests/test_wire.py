@@ -96,6 +96,28 @@ def test_ids_must_be_json_integers_in_range(job: dict[str, Any], reason: str):
     assert _reason(SyncJob, _body(job)).startswith(reason)
 
 
+@pytest.mark.parametrize(
+    ("job", "reason"),
+    [
+        (_job(objects=[{"entity": "Task"}]), "invalid-job: objects.0.id: Field required"),
+        (
+            _job(objects=[{"entity": "Task", "id": 1, "x": 2}]),
+            "invalid-job: objects.0.x: Extra inputs are not permitted",
+        ),
+        (_job(lists=[{"ids": [1]}]), "invalid-job: lists.0.entity: Field required"),
+        (
+            _job(deleted=[{"entity": "Task", "id": 1, "version": 2}]),
+            "invalid-job: deleted.0.version: Extra inputs are not permitted",
+        ),
+    ],
+)
+def test_a_part_missing_a_field_or_with_an_unknown_one_gets_its_reason(
+    job: dict[str, Any], reason: str
+):
+    # Parts built positionally in Python (ObjectRef("Task", 1)) still read any keys.
+    assert _reason(SyncJob, _body(job)) == reason
+
+
 def test_id_out_of_range_says_the_bound():
     body = _body(_job(objects=[{"entity": "Task", "id": 2**63}]))
     assert _reason(SyncJob, body) == (

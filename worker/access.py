@@ -17,11 +17,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker.model import DomainModel, Entity
-from worker.rules import Parameters
+from worker.model import DomainModel, Entity, Rule
+from worker.rules import Constraint, Parameters
 from worker.sql import quote_ident, quote_table
 
-__all__ = ["AccessPolicy", "EntityQuery", "json_value"]
+__all__ = ["AccessPolicy", "EntityQuery", "Listing", "json_value"]
 
 # Where each value sits in a fetched record.
 ID, VERSION, AUTOCOMMITTED, MATCHES, UPSERT = range(5)
@@ -90,6 +90,19 @@ class EntityQuery:
         return self._readable_by_matches[matches]
 
 
+@dataclass(frozen=True)
+class Listing:
+    """The ids of one entity that match a job's query and that the user may read, in id
+    order, a chunk at a time: ``$1`` is the last id listed (``0`` at first), ``$2`` how
+    many at most."""
+
+    sql: str
+    params: Parameters
+
+    def arguments(self, after: int, limit: int, *, user_id: int) -> list[Any]:
+        return [after, limit, *self.params.values(user_id=user_id)]
+
+
 class AccessPolicy:
     """Builds, and keeps, the ``EntityQuery`` of each entity and set of roles.
 
@@ -110,10 +123,51 @@ class AccessPolicy:
             self._queries[key] = self._build(entity_name, roles)
         return self._queries[key]
 
+    def listing(
+        self, entity_name: str, roles: frozenset[str], constraint: Constraint
+    ) -> Listing | None:
+        """The listing of the objects of ``entity_name`` that match ``constraint`` and on
+        which the user may read every member it compares (a condition on a member they
+        may not read would tell them its value); that implies a rule matches the object.
+        ``None`` when no object can qualify (no rule grants one of those members)."""
+        entity = self._model.entities[entity_name]
+        assert entity.table is not None, "only persistable entities are listed"
+        applicable = self._applicable(entity_name, roles)
+        params = Parameters(first=3)
+        conditions = [constraint.sql(params)]
+        # Each rule's condition is compiled once, and only when used: every parameter
+        # numbered must appear in the statement.
+        compiled: dict[int, str] = {}
+
+        def granted(member: str | None) -> str:
+            """When some rule lets the user read ``member`` (``None``: the object at all)."""
+            rules = [i for i, r in enumerate(applicable) if member is None or member in r.reads]
+            if any(applicable[i].constraint is None for i in rules):
+                return "TRUE"
+            for i in rules:
+                rule_constraint = applicable[i].constraint
+                if i not in compiled and rule_constraint is not None:
+                    compiled[i] = rule_constraint.sql(params)
+            return " OR ".join(f"({compiled[i]})" for i in rules) or "FALSE"
+
+        members: list[str | None] = [*sorted(constraint.members)] or [None]
+        conditions.extend(granted(member) for member in members)
+        if "FALSE" in conditions:
+            return None
+        where = ["t0.id > $1::bigint", *(f"({c})" for c in conditions if c != "TRUE")]
+        sql = (
+            f"SELECT t0.id FROM {quote_table(entity.table)} t0 WHERE {' AND '.join(where)} "
+            "ORDER BY t0.id LIMIT $2::int"
+        )
+        return Listing(sql, params)
+
+    def _applicable(self, entity_name: str, roles: frozenset[str]) -> list[Rule]:
+        return [rule for rule in self._model.rules(entity_name) if rule.applies_to(roles)]
+
     def _build(self, entity_name: str, roles: frozenset[str]) -> EntityQuery:
         entity = self._model.entities[entity_name]
         assert entity.table is not None, "only persistable entities are fetched"
-        applicable = [rule for rule in self._model.rules(entity_name) if rule.applies_to(roles)]
+        applicable = self._applicable(entity_name, roles)
         base: frozenset[str] | None = None
         for rule in applicable:
             if rule.constraint is None:

@@ -36,6 +36,7 @@ from worker.limits import DeviceLimits
 from worker.metrics import DEVICE_LOCK_WAIT, record_failed_job, record_job
 from worker.model import DomainModel
 from worker.pushes import FOLLOW_HEADER
+from worker.queries import compile_queries
 from worker.scheduler import Busy, DeviceScheduler
 
 __all__ = ["RATE_LIMITED", "USER_HEADER", "JobConsumer", "job_id_of"]
@@ -133,7 +134,12 @@ class JobConsumer:
 
     @staticmethod
     def _weight(pending: Pending) -> int:
-        return MAX_OBJECTS_PER_JOB + 1 if pending.alone else max(1, len(pending.claimed.targets))
+        if pending.alone:
+            return MAX_OBJECTS_PER_JOB + 1
+        # A job with queries may come to the most objects a job can have: it runs alone.
+        if pending.claimed.queries:
+            return MAX_OBJECTS_PER_JOB
+        return max(1, len(pending.claimed.targets))
 
     def _admit(self, device_id: str) -> bool:
         return self._limits.admit(device_id, in_hand=self.scheduler.waiting(device_id))
@@ -180,6 +186,7 @@ class JobConsumer:
                 return
             targets = job.targets()
             check_job_names(job, self._model, targets)
+            queries = compile_queries(job, self._model)
             # A trusted account's job names its device in the body, read only now. A
             # push is the server's own: it is bounded by the feed, not by the device.
             if own_device is None and push is None and not self._admit(device_id):
@@ -190,7 +197,7 @@ class JobConsumer:
         if push is not None:
             # The device's owner comes from PostgreSQL when the push runs.
             claimed_user = None
-        claimed = Claimed(job, device_id, claimed_user, targets, push)
+        claimed = Claimed(job, device_id, claimed_user, targets, push, queries)
         pending = Pending(message, claimed, started)
         self.scheduler.submit(device_id, pending)
 

@@ -22,6 +22,7 @@ __all__ = [
     "DEVICES_SQL",
     "DEVICE_LOCK_CLASS",
     "LET_GO",
+    "PEND",
     "RELEASE",
     "RELEASE_DEVICE",
     "TAKE",
@@ -194,6 +195,13 @@ WORKER_GRANTS = (
 # it holds; the followed objects named become pending holdings.
 TAKE = "SELECT * FROM sync.take_device($1, $2::text[], $3::text[], $4::bigint[], $5, $6)"
 RELEASE = "CALL sync.release_device($1, $2::text[], $3::text[], $4, $5, $6, $7, $8)"
+# The followed objects a job's queries listed, under the device's lock and before they
+# are read: pending holdings, as take_device makes of the objects jobs name.
+PEND = (
+    "INSERT INTO sync.holding (device_id, entity, object_id) "
+    "SELECT $1, p.entity, p.object_id FROM unnest($2::text[], $3::bigint[]) "
+    "AS p(entity, object_id) ON CONFLICT DO NOTHING"
+)
 # After a run that failed: the device goes back, nothing is remembered.
 LET_GO = "SELECT pg_advisory_unlock($1, hashtext($2))"
 

@@ -85,9 +85,11 @@ class Decision:
 def check_job_names(job: SyncJob, model: DomainModel, targets: Sequence[ObjectKey]) -> None:
     """Reject the whole job when it names an entity or member that cannot be synchronized.
 
-    ``targets`` are the job's ``targets()``, computed once by the caller.
+    ``targets`` are the job's ``targets()``, computed once by the caller; the entities of
+    its queries are checked the same way.
     """
-    for entity_name in dict.fromkeys(entity for entity, _ in targets):
+    named = itertools.chain((entity for entity, _ in targets), (q.entity for q in job.queries))
+    for entity_name in dict.fromkeys(named):
         reason = model.why_not_syncable(entity_name)
         if reason is not None:
             raise JobRejected(reason)

@@ -13,6 +13,7 @@ release.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from collections.abc import Collection, Sequence
@@ -27,11 +28,12 @@ from broker.errors import Refused, Unroutable
 from broker.models import ObjectKey, ResyncChange, Session, SyncJob, SyncResult
 from worker.access import AUTOCOMMITTED, MATCHES, UPSERT, VERSION, AccessPolicy
 from worker.answers import Answer, answer_of, done, remembered
-from worker.devices import DEVICE_LOCK_CLASS, LET_GO, RELEASE, TAKE
+from worker.devices import DEVICE_LOCK_CLASS, LET_GO, PEND, RELEASE, TAKE
 from worker.eligibility import DELETED, GONE, NO_ACCESS, SYNCED, Decision, Found, decide
 from worker.errors import JobRejected
 from worker.model import DomainModel
 from worker.publisher import BatchPublisher, EncodedBatch
+from worker.queries import CompiledQuery, list_targets
 from worker.resolver import fetch_rows
 from worker.scheduler import Busy
 
@@ -58,6 +60,8 @@ class Claimed:
     # A follow push (``worker.follow``): what caused it. It refreshes only what the device
     # holds, and its answer is not remembered.
     push: str | None = None
+    # The job's queries, compiled; listed into ``targets`` under the device's lock.
+    queries: tuple[CompiledQuery, ...] = ()
 
 
 # What a job of a group comes to: its answer, or why it is rejected.
@@ -201,11 +205,13 @@ class JobHandler:
         announced = None
         holdings: list[Holding] = []
         if to_run:
-            results: list[Outcome]
+            results: list[Outcome] = []
             try:
-                results, announced, holdings = await self._run(
-                    conn, device_id, device, [c for _, c in to_run]
-                )
+                to_run = await self._listed(conn, device_id, device, to_run, outcomes)
+                if to_run:
+                    results, announced, holdings = await self._run(
+                        conn, device_id, device, [c for _, c in to_run]
+                    )
             except JobRejected as rejected:
                 results = [rejected] * len(to_run)
             outcomes.update(zip((index for index, _ in to_run), results, strict=True))
@@ -220,6 +226,49 @@ class JobHandler:
             for index, item in enumerate(claimed)
         ]
         return answers, ran, announced, holdings
+
+    async def _listed(
+        self,
+        conn: asyncpg.Connection,
+        device_id: str,
+        device: asyncpg.Record,
+        to_run: list[tuple[int, Claimed]],
+        outcomes: dict[int, Outcome],
+    ) -> list[tuple[int, Claimed]]:
+        """``to_run`` with each job's queries listed into its targets; a job whose queries
+        list too much gets its rejection in ``outcomes`` and does not run. The followed
+        objects listed become pending holdings before they are read, as named ones do in
+        ``sync.take_device``."""
+        if not any(c.queries for _, c in to_run if c.push is None):
+            return to_run
+        session = _session(device["owner"], device_id)
+        listed: list[tuple[int, Claimed]] = []
+        pending: dict[ObjectKey, None] = {}
+        for index, item in to_run:
+            if item.push is not None or not item.queries:
+                listed.append((index, item))
+                continue
+            try:
+                targets = await list_targets(
+                    conn,
+                    self._policy,
+                    item.targets,
+                    item.queries,
+                    user_id=session.user_id,
+                    roles=frozenset(device["owner_roles"]),
+                    chunk_size=self._chunk_size,
+                )
+            except JobRejected as rejected:
+                outcomes[index] = rejected
+                continue
+            found = targets[len(item.targets) :]
+            pending.update(dict.fromkeys(key for key in found if key[0] in self._followed))
+            listed.append((index, dataclasses.replace(item, targets=targets)))
+        if pending:
+            await conn.execute(
+                PEND, device_id, [key[0] for key in pending], [key[1] for key in pending]
+            )
+        return listed
 
     async def _run(
         self,

@@ -23,6 +23,8 @@ const DIRECT_REPLY_TO = 'amq.rabbitmq.reply-to';
 const DEVICE_USER_PREFIX = 'device.';
 const SCHEMA_VERSION = 1;
 const MAX_OBJECTS_PER_JOB = 100_000;
+const MAX_QUERIES_PER_JOB = 100;
+const MAX_CONSTRAINT_LENGTH = 4_000;
 const MAX_ID = 2n ** 63n - 1n;
 
 // The same patterns as broker/models.py; tests/test_node_client.py holds them to it.
@@ -104,6 +106,22 @@ function checkRef(ref, what) {
   };
 }
 
+/** A query: an entity and its XPath constraint, which the worker parses. */
+function checkQuery(query, what) {
+  if (query === null || typeof query !== 'object') {
+    throw new InvalidJob(`${what}: expected {entity, constraint}`);
+  }
+  const { constraint } = query;
+  // In characters (code points), as the worker counts them.
+  const length = typeof constraint === 'string' ? [...constraint].length : 0;
+  if (length < 1 || length > MAX_CONSTRAINT_LENGTH) {
+    throw new InvalidJob(
+      `${what}.constraint: expected a string of 1 to ${MAX_CONSTRAINT_LENGTH} characters`,
+    );
+  }
+  return { entity: checkPattern(query.entity, 'ENTITY_NAME', `${what}.entity`), constraint };
+}
+
 function checkArray(value, what) {
   if (value === undefined) return [];
   if (!Array.isArray(value)) throw new InvalidJob(`${what}: expected an array`);
@@ -139,6 +157,9 @@ function buildJob(session, targets = {}) {
         checkId(id, `lists[${i}].ids[${j}]`),
       ),
     })),
+    queries: checkArray(targets.queries, 'queries').map((query, i) =>
+      checkQuery(query, `queries[${i}]`),
+    ),
     deleted: checkArray(targets.deleted, 'deleted').map((ref, i) => checkRef(ref, `deleted[${i}]`)),
     new: checkArray(targets.new, 'new').map((ref, i) => checkRef(ref, `new[${i}]`)),
     uncommitted: checkArray(targets.uncommitted, 'uncommitted').map((change, i) => {
@@ -161,6 +182,17 @@ function buildJob(session, targets = {}) {
   if (named > MAX_OBJECTS_PER_JOB) {
     throw new InvalidJob(`job names ${named} objects; at most ${MAX_OBJECTS_PER_JOB} per job`);
   }
+  if (job.queries.length > MAX_QUERIES_PER_JOB) {
+    throw new InvalidJob(`job has ${job.queries.length} queries; at most ${MAX_QUERIES_PER_JOB}`);
+  }
+  const text = job.queries.reduce((n, query) => n + [...query.constraint].length, 0);
+  if (text > MAX_CONSTRAINT_LENGTH) {
+    throw new InvalidJob(
+      `the queries' constraints have ${text} characters; at most ${MAX_CONSTRAINT_LENGTH} per job`,
+    );
+  }
+  // Left out when empty: workers from before queries refuse the field.
+  if (job.queries.length === 0) delete job.queries;
   return job;
 }
 
@@ -505,7 +537,9 @@ module.exports = {
   DIRECT_REPLY_TO,
   InvalidJob,
   JOBS_EXCHANGE,
+  MAX_CONSTRAINT_LENGTH,
   MAX_OBJECTS_PER_JOB,
+  MAX_QUERIES_PER_JOB,
   PATTERNS,
   Refused,
   SyncClient,

@@ -18,6 +18,9 @@ const USAGE = `usage: node sync.js [--url URL] --user ID [--device ID] [options]
   --user ID             the session's user id
   --device ID           the session's device (a device account: its own, the default)
   --list E:1,2,3        a list of objects of one entity (repeatable)
+  --query 'E[constraint]'
+                        the objects of E matching an XPath constraint that the user
+                        may read, e.g. 'WorkOrder[status = "Open"]' (repeatable)
   --deleted E:ID        an object deleted in the same call (repeatable)
   --new E:ID            an object that was never committed (repeatable)
   --uncommitted 'E:ID={"member":"value"}'
@@ -57,6 +60,15 @@ function list(text) {
   return { entity: text.slice(0, at), ids: ids.map(integer) };
 }
 
+// The entity's name up to the first '[', then its constraint.
+function query(text) {
+  const at = text.indexOf('[');
+  if (at < 1) {
+    throw new UsageError(`--query: expected Entity[constraint], got ${JSON.stringify(text)}`);
+  }
+  return { entity: text.slice(0, at).trim(), constraint: text.slice(at) };
+}
+
 function uncommitted(text) {
   const eq = text.indexOf('=');
   if (eq < 0)
@@ -82,6 +94,7 @@ function parse(argv) {
       user: { type: 'string' },
       device: { type: 'string' },
       list: { type: 'string', multiple: true, default: [] },
+      query: { type: 'string', multiple: true, default: [] },
       deleted: { type: 'string', multiple: true, default: [] },
       new: { type: 'string', multiple: true, default: [] },
       uncommitted: { type: 'string', multiple: true, default: [] },
@@ -98,14 +111,15 @@ function parse(argv) {
   const timeout = Number(values.timeout);
   if (!(timeout > 0))
     throw new UsageError(`--timeout: expected seconds > 0, got ${values.timeout}`);
-  if (positionals.length + values.list.length === 0)
-    throw new UsageError('name at least one object (Entity:id) or --list');
+  if (positionals.length + values.list.length + values.query.length === 0)
+    throw new UsageError('name at least one object (Entity:id), --list or --query');
   return {
     url: values.url,
     session: { userId: integer(values.user), deviceId: values.device },
     targets: {
       objects: positionals.map((text) => ref(text, 'object')),
       lists: values.list.map(list),
+      queries: values.query.map(query),
       deleted: values.deleted.map((text) => ref(text, '--deleted')),
       new: values.new.map((text) => ref(text, '--new')),
       uncommitted: values.uncommitted.map(uncommitted),

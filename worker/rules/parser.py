@@ -45,6 +45,9 @@ __all__ = ["parse"]
 
 _QUOTED_TOKEN = re.compile(r"^\[%([A-Za-z0-9_.]+)%\]$")
 _FUNCTIONS: dict[str, FunctionName] = {"contains": "contains", "starts-with": "starts-with"}
+# Parentheses and not() nest by recursion: bounded well below Python's recursion limit,
+# as constraints also come from jobs (queries), not only from the model.
+MAX_DEPTH = 32
 
 
 def parse(text: str) -> Expr:
@@ -63,6 +66,7 @@ class _Parser:
         self._text = text
         self._tokens = tokenize(text)
         self._index = 0
+        self._depth = 0
 
     @property
     def _current(self) -> Token:
@@ -132,9 +136,10 @@ class _Parser:
     def _unary(self) -> Expr:
         start = self._current.start
         if self._at(Kind.LPAREN):
-            self._advance()
+            self._enter(self._advance())
             inner = self._or()
             self._expect(Kind.RPAREN)
+            self._depth -= 1
             return inner
         if self._at(Kind.NAME) and self._next_is(Kind.LPAREN):
             return self._call(start)
@@ -154,8 +159,10 @@ class _Parser:
             self._expect(Kind.RPAREN)
             return Constant(name == "true", self._span_from(start))
         if name == "not":
+            self._enter(self._tokens[self._index - 1])
             operand = self._or()
             self._expect(Kind.RPAREN)
+            self._depth -= 1
             return Not(operand, self._span_from(start))
         function = _FUNCTIONS.get(name)
         if function is not None:
@@ -170,6 +177,16 @@ class _Parser:
             start,
             start + len(name),
         )
+
+    def _enter(self, opening: Token) -> None:
+        self._depth += 1
+        if self._depth > MAX_DEPTH:
+            raise ConstraintError(
+                f"nested too deeply: at most {MAX_DEPTH} levels of '(' and not()",
+                self._text,
+                opening.start,
+                opening.end,
+            )
 
     def _path(self) -> Path:
         steps = [self._step()]

@@ -36,6 +36,9 @@ _DATETIME_TOKENS = {
     "CurrentDateTime": "now()",
     "BeginOfCurrentDay": "date_trunc('day', now(), 'UTC')",
 }
+_BIGINT_MIN, _BIGINT_MAX = -(2**63), 2**63 - 1
+# The alias of the constrained entity's own table.
+_ROOT = "t0"
 _SUPPORTED_TOKENS = "CurrentUser, CurrentDateTime, BeginOfCurrentDay, UserRole_<name>"
 
 
@@ -122,13 +125,15 @@ class Hop:
 @dataclass(frozen=True)
 class Constraint:
     """A constraint checked against the model once, at load: its text, its SQL over the
-    table aliased ``t0`` with parameters numbered from ``$1``, and the association paths
-    it follows (what a change elsewhere can change about the objects it matches)."""
+    table aliased ``t0`` with parameters numbered from ``$1``, the association paths it
+    follows (what a change elsewhere can change about the objects it matches) and the
+    members of the entity itself it reads."""
 
     text: str
     template: str
     sources: tuple[Any, ...]
     paths: tuple[tuple[Hop, ...], ...] = ()
+    members: frozenset[str] = frozenset()
 
     def sql(self, params: Parameters) -> str:
         """The condition, its parameters numbered after those ``params`` holds already."""
@@ -136,9 +141,12 @@ class Constraint:
         return _PLACEHOLDER.sub(lambda match: f"${numbers[int(match[1]) - 1]}::", self.template)
 
 
-def check_constraint(text: str, *, entities: Mapping[str, EntityShape], entity: str) -> Constraint:
+def check_constraint(
+    text: str, *, entities: Mapping[str, EntityShape], entity: str, hops: bool = True
+) -> Constraint:
     """Constraint ``text`` on ``entity``, checked. Raises ``ConstraintError`` (with the
-    position) when the text does not parse or names something the model does not have.
+    position) when the text does not parse or names something the model does not have,
+    or, with ``hops=False``, when it follows an association to another object.
 
     Example::
 
@@ -148,9 +156,15 @@ def check_constraint(text: str, *, entities: Mapping[str, EntityShape], entity: 
         # '(lower(t0."status") = lower($2::text)) IS TRUE'
     """
     params = Parameters()
-    compiler = _Compiler(text, entities, params)
-    template = compiler.expr(parse(text), entity, "t0")
-    return Constraint(text, template, params.sources, tuple(dict.fromkeys(compiler.paths)))
+    compiler = _Compiler(text, entities, params, hops=hops)
+    template = compiler.expr(parse(text), entity, _ROOT)
+    return Constraint(
+        text,
+        template,
+        params.sources,
+        tuple(dict.fromkeys(compiler.paths)),
+        frozenset(compiler.members),
+    )
 
 
 # What a path leads to.
@@ -196,12 +210,16 @@ class _Join:
 
 
 class _Compiler:
-    def __init__(self, text: str, entities: Mapping[str, EntityShape], params: Parameters) -> None:
+    def __init__(
+        self, text: str, entities: Mapping[str, EntityShape], params: Parameters, *, hops: bool
+    ) -> None:
         self._text = text
         self._entities = entities
         self._params = params
+        self._hops = hops
         self._aliases = 0
         self.paths: list[tuple[Hop, ...]] = []
+        self.members: set[str] = set()
 
     def _error(self, message: str, span: ast.Span) -> ConstraintError:
         return ConstraintError(message, self._text, span.start, span.end)
@@ -235,7 +253,15 @@ class _Compiler:
         steps = path.steps
         while len(steps) >= 2:
             association, target = steps[0], steps[1]
+            if not self._hops:
+                raise self._error(
+                    f"a query cannot follow association {association.name!r} to another "
+                    f"object; compare members of {entity} itself",
+                    ast.Span(association.span.start, target.span.end),
+                )
             column, forward = self._hop(entity, association, target)
+            if forward and alias == _ROOT:
+                self.members.add(association.name)
             hops.append(Hop(entity, column, forward, target.name))
             if target.name == USER_ENTITY:
                 self.paths.append(tuple(hops))
@@ -293,6 +319,10 @@ class _Compiler:
 
     def _member(self, entity: str, alias: str, step: ast.Step) -> _Target:
         model_entity = self._entities[entity]
+        if alias == _ROOT and (
+            step.name in model_entity.attributes or step.name in model_entity.associations
+        ):
+            self.members.add(step.name)
         kind = model_entity.attributes.get(step.name)
         if kind is not None:
             return _Attribute(step.name, f"{alias}.{quote_ident(step.name)}", kind)
@@ -362,12 +392,17 @@ class _Compiler:
         if isinstance(literal, bool | str) or target.type in ("boolean", "string"):
             raise self._error(_mismatch(target, _describe(literal)), value.span)
         if target.type in ("integer", "long") and isinstance(literal, int):
-            return self._params.constant(literal, "bigint")
+            return self._bigint(literal, value.span)
         if target.type == "decimal":
             return self._params.constant(Decimal(literal), "numeric")
         if target.type == "datetime":
             raise self._error(_mismatch(target, "a number"), value.span)
         raise self._error(_mismatch(target, "a decimal number"), value.span)
+
+    def _bigint(self, value: int, span: ast.Span) -> str:
+        if not _BIGINT_MIN <= value <= _BIGINT_MAX:
+            raise self._error("number out of range for a 64-bit integer", span)
+        return self._params.constant(value, "bigint")
 
     def _datetime(self, text: str, span: ast.Span) -> datetime:
         try:
@@ -405,7 +440,7 @@ class _Compiler:
                 )
             return _comparison(target.sql, node.operator, self._params.current_user())
         if isinstance(value, ast.Literal) and type(value.value) is int:
-            object_id = self._params.constant(value.value, "bigint")
+            object_id = self._bigint(value.value, value.span)
             return _comparison(target.sql, node.operator, object_id)
         if isinstance(value, ast.TokenRef) and not _is_known_token(value.name):
             raise self._unknown_token(value)

@@ -66,6 +66,10 @@ def tokenize(text: str) -> list[Token]:
         [token.kind for token in tokenize("[a = 1]")]
         # [LBRACKET, NAME, OPERATOR, NUMBER, RBRACKET, END]
     """
+    nul = text.find("\0")
+    if nul != -1:
+        # PostgreSQL text cannot hold it: refused here, with its position, not at sync time.
+        raise ConstraintError("unexpected character '\\x00'", text, nul)
     tokens: list[Token] = []
     position = _skip_space(text, 0)
     while position < len(text):
