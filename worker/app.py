@@ -211,6 +211,8 @@ class Worker:
         """
         for task in self._background:
             task.cancel()
+        # Ended before anything else closes: a feed still ending would report after us.
+        await asyncio.gather(*self._background, return_exceptions=True)
         for queue, tag in self._consuming:
             await queue.cancel(tag)
         started = time.monotonic()
