@@ -46,6 +46,7 @@ from syncctl.devices import (
     register_device,
     unregister_device,
 )
+from syncctl.progress import ProgressBar
 from syncctl.roles import set_user_roles, user_roles
 from worker.database import connect as connect_database
 from worker.model import EXAMPLE_MODEL, load_model
@@ -292,6 +293,8 @@ async def _no_result(settings: ServerSettings, job_id: str, timeout: float) -> P
 
 async def sync(args: argparse.Namespace, settings: ServerSettings) -> int:
     job_id = args.job_id or SyncClient.new_job_id()
+    # On a terminal, a bar follows the job; in a pipe or a file, only the result is shown.
+    bar = ProgressBar(sys.stderr) if sys.stderr.isatty() else None
     async with await SyncClient.connect(settings.amqp_url, name="syncctl") as client:
         try:
             result = await client.synchronize_to_device(
@@ -302,9 +305,13 @@ async def sync(args: argparse.Namespace, settings: ServerSettings) -> int:
                 origin=args.origin,
                 timeout=args.timeout,
                 job_id=job_id,
+                on_progress=bar.show if bar is not None else None,
             )
         except TimeoutError:
             raise await _no_result(settings, job_id, args.timeout) from None
+        finally:
+            if bar is not None:
+                bar.close()
     print(result.model_dump_json(indent=2))
     return 0 if result.status != "rejected" else 1
 
