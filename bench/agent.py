@@ -109,14 +109,17 @@ def _batches(objects: int, batch_size: int) -> list[ChangeBatch]:
         for n in range(1, objects + 1)
     ]
     job_id = uuid.uuid4().hex
+    starts = range(0, objects, batch_size)
     return [
         ChangeBatch(
             batch_id=uuid.uuid4().hex,
             job_id=job_id,
             device_id="bench-agent",
+            position=position,
+            total=len(starts),
             changes=tuple(changes[start : start + batch_size]),
         )
-        for start in range(0, objects, batch_size)
+        for position, start in enumerate(starts, 1)
     ]
 
 
@@ -194,7 +197,11 @@ async def apply_rates(objects: int, batch_size: int, runs: int) -> dict[str, lis
     chunks = _raw_rows(batches)
     bodies = [
         encode_batch(
-            batch.job_id, batch.device_id, [c.model_dump_json() for c in batch.changes]
+            batch.job_id,
+            batch.device_id,
+            [c.model_dump_json() for c in batch.changes],
+            position=batch.position,
+            total=batch.total,
         ).body
         for batch in batches
     ]
@@ -434,6 +441,8 @@ async def _small_backlog(env: dict[str, str], count: int) -> float:
                         entity=ENTITY, id=n, version=n, data=_work_order(n)
                     ).model_dump_json()
                 ],
+                position=n,
+                total=count,
             )
             for n in range(1, count + 1)
         ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal, overload
 
 from aio_pika.abc import (
@@ -25,6 +25,7 @@ from broker.models import (
     Query,
     Session,
     SyncJob,
+    SyncProgress,
     SyncResult,
     UncommittedChange,
 )
@@ -32,12 +33,27 @@ from broker.publishing import json_message, publish_confirmed
 from broker.topology import JOBS_EXCHANGE
 from broker.wire import WireError, decode
 
-__all__ = ["DIRECT_REPLY_TO", "SyncClient"]
+__all__ = [
+    "DIRECT_REPLY_TO",
+    "PROGRESS_HEADER",
+    "PROGRESS_TYPE",
+    "RESULT_TYPE",
+    "OnProgress",
+    "SyncClient",
+]
 
 log = logging.getLogger(__name__)
 
 # RabbitMQ's direct reply-to: results come back without a queue per caller.
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+# A job published with this header set to true gets ``SyncProgress`` messages before its
+# result; the replies' ``type`` property tells the two apart.
+PROGRESS_HEADER = "x-sync-progress"
+PROGRESS_TYPE = "progress"
+RESULT_TYPE = "result"
+
+# Called with each progress report of a job, in the event loop: it must not block.
+OnProgress = Callable[[SyncProgress], None]
 
 
 class SyncClient(AsyncClosable):
@@ -66,6 +82,7 @@ class SyncClient(AsyncClosable):
         self._user_id = user_id
         self._publish_timeout = publish_timeout
         self._pending: dict[str, asyncio.Future[SyncResult]] = {}
+        self._on_progress: dict[str, OnProgress] = {}
 
     @classmethod
     async def connect(
@@ -92,7 +109,7 @@ class SyncClient(AsyncClosable):
 
     async def _consume_replies(self, *_: object) -> None:
         replies = await self._channel.get_queue(DIRECT_REPLY_TO, ensure=False)
-        await replies.consume(self._on_result, no_ack=True)
+        await replies.consume(self._on_reply, no_ack=True)
 
     def _fail_pending(self, *_: object) -> None:
         for future in self._pending.values():
@@ -125,6 +142,7 @@ class SyncClient(AsyncClosable):
         wait: Literal[True] = True,
         timeout: float = 10.0,
         job_id: str | None = None,
+        on_progress: OnProgress | None = None,
     ) -> SyncResult: ...
 
     @overload
@@ -158,6 +176,7 @@ class SyncClient(AsyncClosable):
         wait: bool = True,
         timeout: float = 10.0,
         job_id: str | None = None,
+        on_progress: OnProgress | None = None,
     ) -> SyncResult | str:
         """Ask to synchronize objects and lists to the session's device. ``queries``
         name lists by constraint: the worker lists the matching objects the user may read.
@@ -165,6 +184,20 @@ class SyncClient(AsyncClosable):
         With ``wait=True`` returns the worker's ``SyncResult`` (raises ``TimeoutError``
         after ``timeout`` seconds); otherwise returns the job id once the broker has
         the job. ``job_id`` names the job (default: a new one from ``new_job_id()``).
+
+        ``on_progress`` (with ``wait=True``) is called with each ``SyncProgress`` of the
+        job while it runs: ``published`` of ``total`` batches, rising, the last at the
+        total; a job with nothing to send, ignored or rejected sends none. It is a plain
+        function called in the event loop (it must not block; schedule a task for async
+        work); what it raises is logged. Reports are best effort: one may be missing,
+        and only the result settles the call.
+
+        Example::
+
+            result = await client.synchronize_to_device(
+                session, lists=[big_list], timeout=60,
+                on_progress=lambda p: print(f"{p.published}/{p.total}"),
+            )
         """
         job = SyncJob(
             job_id=job_id or self.new_job_id(),
@@ -182,35 +215,60 @@ class SyncClient(AsyncClosable):
         )
         body = job.model_dump_json().encode()
         if not wait:
+            if on_progress is not None:
+                raise ValueError("on_progress needs wait=True: progress goes to the caller")
             await self._publish(body, job_id=job.job_id, reply=False, routing_key=session.device_id)
             return job.job_id
         return await self.publish_raw(
-            body, job_id=job.job_id, timeout=timeout, routing_key=session.device_id
+            body,
+            job_id=job.job_id,
+            timeout=timeout,
+            routing_key=session.device_id,
+            on_progress=on_progress,
         )
 
     async def publish_raw(
-        self, body: bytes, *, job_id: str, timeout: float, routing_key: str = ""
+        self,
+        body: bytes,
+        *,
+        job_id: str,
+        timeout: float,
+        routing_key: str = "",
+        on_progress: OnProgress | None = None,
     ) -> SyncResult:
-        """Publish a job body as is and wait for its result.
+        """Publish a job body as is and wait for its result (and its progress, with
+        ``on_progress``, as ``synchronize_to_device`` does).
 
         For tools and tests that must send what ``SyncJob`` would refuse to build.
         """
         future: asyncio.Future[SyncResult] = asyncio.get_running_loop().create_future()
         self._pending[job_id] = future
+        if on_progress is not None:
+            self._on_progress[job_id] = on_progress
         try:
-            await self._publish(body, job_id=job_id, reply=True, routing_key=routing_key)
+            await self._publish(
+                body,
+                job_id=job_id,
+                reply=True,
+                routing_key=routing_key,
+                progress=on_progress is not None,
+            )
             async with asyncio.timeout(timeout):
                 return await future
         finally:
             self._pending.pop(job_id, None)
+            self._on_progress.pop(job_id, None)
 
-    async def _publish(self, body: bytes, *, job_id: str, reply: bool, routing_key: str) -> None:
+    async def _publish(
+        self, body: bytes, *, job_id: str, reply: bool, routing_key: str, progress: bool = False
+    ) -> None:
         message = json_message(
             body,
             message_id=job_id,
             correlation_id=job_id,
             reply_to=DIRECT_REPLY_TO if reply else None,
             user_id=self._user_id,
+            headers={PROGRESS_HEADER: True} if progress else None,
         )
         try:
             await publish_confirmed(
@@ -234,7 +292,11 @@ class SyncClient(AsyncClosable):
                 "once and its retries get the same answer."
             ) from error
 
-    async def _on_result(self, message: AbstractIncomingMessage) -> None:
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        # A worker from before progress reports sets no type: its replies are results.
+        if message.type == PROGRESS_TYPE:
+            self._progress(message)
+            return
         try:
             result = decode(SyncResult, message.body)
         except WireError as error:
@@ -243,6 +305,24 @@ class SyncClient(AsyncClosable):
         future = self._pending.get(message.correlation_id or result.job_id)
         if future is not None and not future.done():
             future.set_result(result)
+
+    def _progress(self, message: AbstractIncomingMessage) -> None:
+        try:
+            progress = decode(SyncProgress, message.body)
+        except WireError as error:
+            log.warning("progress ignored", extra={"reason": error.reason})
+            return
+        job_id = message.correlation_id or progress.job_id
+        future = self._pending.get(job_id)
+        report = self._on_progress.get(job_id)
+        # A job no longer waited for (or that did not ask) is not reported.
+        if report is None or future is None or future.done():
+            return
+        try:
+            report(progress)
+        except Exception:
+            # The caller's own code: its error must not lose the result it waits for.
+            log.exception("on_progress failed", extra={"job_id": job_id})
 
 
 def _blocked(connection: AbstractRobustConnection) -> bool:

@@ -42,6 +42,7 @@ __all__ = [
     "ResyncChange",
     "Session",
     "SyncJob",
+    "SyncProgress",
     "SyncResult",
     "UncommittedChange",
     "UpsertChange",
@@ -71,6 +72,8 @@ JobId = Annotated[str, Field(pattern=JOB_ID_PATTERN)]
 ObjectId = Annotated[int, Strict(), Field(ge=1, le=MAX_ID)]
 # Row versions are PostgreSQL bigints; SQLite's INTEGER holds the same range.
 Version = Annotated[int, Strict(), Field(ge=0, le=MAX_ID)]
+# Batches of a job, counted from 1.
+Count = Annotated[int, Strict(), Field(ge=1, le=MAX_ID)]
 Origin = Literal["nanoflow", "event"]
 RemoveReason = Literal["deleted", "gone", "no-access"]
 
@@ -260,13 +263,25 @@ Change = Annotated[
 
 
 class ChangeBatch(_Message):
-    """A bounded group of changes for one device, applied in one SQLite transaction."""
+    """A bounded group of changes for one device, applied in one SQLite transaction.
+
+    ``position`` is the batch's place (from 1) among the ``total`` batches of its job, so
+    a device can tell how far it has applied a job.
+    """
 
     schema_version: Literal[1] = 1
     batch_id: JobId
     job_id: JobId
     device_id: DeviceId
+    position: Count
+    total: Count
     changes: tuple[Change, ...]
+
+    @model_validator(mode="after")
+    def _placed(self) -> ChangeBatch:
+        if self.position > self.total:
+            raise ValueError(f"position {self.position} is past the total {self.total}")
+        return self
 
 
 class ObjectOutcome(_Frozen):
@@ -290,3 +305,19 @@ class SyncResult(_Message):
     # The batches that carry this job's changes; the device has applied the job once
     # its store lists all of them.
     batch_ids: tuple[str, ...] = ()
+
+
+class SyncProgress(_Message):
+    """How far a job has come: ``published`` of its ``total`` batches are confirmed by the
+    broker. Sent to a caller that asked for progress, before its ``SyncResult``."""
+
+    schema_version: Literal[1] = 1
+    job_id: JobId
+    published: Count
+    total: Count
+
+    @model_validator(mode="after")
+    def _bounded(self) -> SyncProgress:
+        if self.published > self.total:
+            raise ValueError(f"published {self.published} is past the total {self.total}")
+        return self

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import aio_pika
@@ -12,21 +13,36 @@ from aio_pika.abc import AbstractExchange
 
 from broker.errors import PUBLISH_FAILED, BrokerUnavailable, Refused, Unroutable
 
-__all__ = ["json_message", "publish_confirmed"]
+__all__ = ["Confirmed", "json_message", "publish_confirmed"]
 
 
-def json_message(body: bytes, **properties: Any) -> aio_pika.Message:
-    """A persistent JSON message; every message this project publishes is one."""
+def json_message(body: bytes, *, persistent: bool = True, **properties: Any) -> aio_pika.Message:
+    """A JSON message, persistent unless it is worth nothing after a broker restart (a
+    progress report)."""
     return aio_pika.Message(
         body,
         content_type="application/json",
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        delivery_mode=(
+            aio_pika.DeliveryMode.PERSISTENT if persistent else aio_pika.DeliveryMode.NOT_PERSISTENT
+        ),
         **properties,
     )
 
 
+# Told the index (in ``messages``) of each message the broker confirmed, as it comes.
+Confirmed = Callable[[int], None]
+
+
+def _ignored(index: int) -> None:
+    return None
+
+
 async def _publish_one(
-    exchange: AbstractExchange, message: aio_pika.Message, routing_key: str, timeout: float
+    exchange: AbstractExchange,
+    message: aio_pika.Message,
+    routing_key: str,
+    timeout: float,
+    confirmed: Callable[[], None],
 ) -> None:
     try:
         await exchange.publish(message, routing_key, mandatory=True, timeout=timeout)
@@ -37,6 +53,7 @@ async def _publish_one(
         raise Refused(routing_key) from error
     except PUBLISH_FAILED as error:
         raise BrokerUnavailable(f"publish to {exchange.name!r} failed: {error!r}") from error
+    confirmed()
 
 
 async def publish_confirmed(
@@ -46,22 +63,30 @@ async def publish_confirmed(
     *,
     timeout: float,
     window: int,
+    confirmed: Confirmed | None = None,
 ) -> None:
     """Publish ``messages`` in order, keeping up to ``window`` unconfirmed at a time.
 
-    Returns once the broker confirmed every message. The channel must have been opened
-    with ``publisher_confirms=True, on_return_raises=True``.
+    Returns once the broker confirmed every message; ``confirmed(index)`` is called as
+    each one is (it must not block). The channel must have been opened with
+    ``publisher_confirms=True, on_return_raises=True``.
 
     Example::
 
         await publish_confirmed(changes, [json_message(b"{}")], "dev-1", timeout=5, window=64)
     """
+    report = confirmed or _ignored
     for start in range(0, len(messages), window):
         chunk = messages[start : start + window]
         # A job names each object once, so the batches of one window commute; only
         # successive jobs of a device must arrive in order, and they do (one at a time).
         outcomes = await asyncio.gather(
-            *(_publish_one(exchange, message, routing_key, timeout) for message in chunk),
+            *(
+                _publish_one(
+                    exchange, message, routing_key, timeout, partial(report, start + offset)
+                )
+                for offset, message in enumerate(chunk)
+            ),
             return_exceptions=True,
         )
         # Every publish of the window has settled (each is bounded by the timeout), so

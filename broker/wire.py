@@ -27,6 +27,7 @@ from broker.models import (
     MAX_ID,
     ChangeBatch,
     SyncJob,
+    SyncProgress,
     SyncResult,
 )
 
@@ -49,7 +50,12 @@ __all__ = [
 M = TypeVar("M", bound=BaseModel)
 
 # What `syncctl schema NAME` prints, and what each reader calls the message in reasons.
-MESSAGES: dict[str, type[BaseModel]] = {"job": SyncJob, "result": SyncResult, "batch": ChangeBatch}
+MESSAGES: dict[str, type[BaseModel]] = {
+    "job": SyncJob,
+    "result": SyncResult,
+    "progress": SyncProgress,
+    "batch": ChangeBatch,
+}
 
 _SAFE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
@@ -163,7 +169,8 @@ def decode(model: type[M], body: bytes) -> M:
 
 
 def json_schema(name: str) -> dict[str, Any]:
-    """The JSON Schema of a message (``job``, ``result`` or ``batch``), as readers check it."""
+    """The JSON Schema of a message (``job``, ``result``, ``progress`` or ``batch``), as
+    readers check it."""
     return MESSAGES[name].model_json_schema()
 
 
@@ -186,6 +193,7 @@ def _anchored(pattern: str) -> str:
 
 _Id = Annotated[int, msgspec.Meta(ge=1, le=MAX_ID)]
 _Version = Annotated[int, msgspec.Meta(ge=0, le=MAX_ID)]
+_Count = Annotated[int, msgspec.Meta(ge=1, le=MAX_ID)]
 _JobId = Annotated[str, msgspec.Meta(pattern=_anchored(JOB_ID_PATTERN))]
 _DeviceId = Annotated[str, msgspec.Meta(pattern=_anchored(DEVICE_ID_PATTERN))]
 _ENTITY_NAME = re.compile(ENTITY_NAME_PATTERN)
@@ -240,7 +248,14 @@ class ReadBatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     batch_id: _JobId
     job_id: _JobId
     device_id: _DeviceId
+    position: _Count
+    total: _Count
     changes: tuple[ReadChange, ...]
+
+    def __post_init__(self) -> None:
+        if self.position > self.total:
+            # msgspec reports it as a ValidationError; ``decode`` then gives the reason.
+            raise ValueError("position past the total")
 
 
 _BATCH = msgspec.json.Decoder(ReadBatch)
@@ -276,7 +291,15 @@ def as_read_batch(batch: ChangeBatch) -> ReadBatch:
             changes.append(ReadOverlay(change.entity, change.id, change.changes))
         else:
             changes.append(ReadResync(change.reason, change.since))
-    return ReadBatch(1, batch.batch_id, batch.job_id, batch.device_id, tuple(changes))
+    return ReadBatch(
+        1,
+        batch.batch_id,
+        batch.job_id,
+        batch.device_id,
+        batch.position,
+        batch.total,
+        tuple(changes),
+    )
 
 
 def decode_batch(body: bytes) -> ReadBatch:

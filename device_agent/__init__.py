@@ -2,6 +2,6 @@
 
 from device_agent.agent import AppliedBatch, DeviceAgent
 from device_agent.settings import AgentSettings
-from device_agent.store import OfflineStore
+from device_agent.store import JobProgress, OfflineStore
 
-__all__ = ["AgentSettings", "AppliedBatch", "DeviceAgent", "OfflineStore"]
+__all__ = ["AgentSettings", "AppliedBatch", "DeviceAgent", "JobProgress", "OfflineStore"]

@@ -35,6 +35,8 @@ class BatchRows:
 
     batch_id: str
     job_id: str
+    # The number of batches of the job.
+    total: int
     members: dict[str, set[str]]
     upserts: list[UpsertRow]
     removed: list[ObjectKey]
@@ -48,7 +50,7 @@ def batch_rows(batch: ReadBatch, encode: Encode = _ENCODER.encode) -> BatchRows:
     JSON: msgspec's by default (a batch read off the wire holds no NaN); ``tables.to_json``
     for batches built in Python, so NaN and Infinity are refused with ``ValueError``.
     """
-    rows = BatchRows(batch.batch_id, batch.job_id, {}, [], [], [], [], [])
+    rows = BatchRows(batch.batch_id, batch.job_id, batch.total, {}, [], [], [], [], [])
     for change in batch.changes:
         if isinstance(change, ReadUpsert):
             rows.upserts.append((change.entity, change.id, change.version, encode(change.data)))
@@ -71,7 +73,7 @@ def batch_rows(batch: ReadBatch, encode: Encode = _ENCODER.encode) -> BatchRows:
 async def apply_rows(tx: Transaction, views: ViewCatalog, rows: BatchRows) -> bool:
     """Apply one batch in ``tx``; ``False`` when it was applied before (nothing changes)."""
     db = tx.db
-    if not await tables.record_batch(db, rows.batch_id, rows.job_id):
+    if not await tables.record_batch(db, rows.batch_id, rows.job_id, rows.total):
         return False
     await views.discover(tx, rows.members)
     for statement, values in _statements(rows):
@@ -99,7 +101,8 @@ async def apply_many(tx: Transaction, views: ViewCatalog, group: Sequence[BatchR
         if new:
             applied.add(rows.batch_id)
             fresh.append(rows)
-    await tables.record_batches(db, [(rows.batch_id, rows.job_id) for rows in fresh])
+    # Only the fresh ones: a redelivered batch does not count twice in its job's progress.
+    await tables.record_batches(db, [(rows.batch_id, rows.job_id, rows.total) for rows in fresh])
     members: dict[str, set[str]] = {}
     for rows in fresh:
         for entity, names in rows.members.items():

@@ -15,6 +15,7 @@ import json
 import logging
 import sqlite3
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -36,13 +37,21 @@ from device_agent.views import (
     json_path,
 )
 
-__all__ = ["OfflineStore", "Outcome"]
+__all__ = ["JobProgress", "OfflineStore", "Outcome"]
 
 log = logging.getLogger(__name__)
 
 # What became of one batch of a group: applied (True), applied before (False), or the
 # error that made it unappliable (rolled back alone).
 Outcome = bool | Exception
+
+
+@dataclass(frozen=True, slots=True)
+class JobProgress:
+    """How far the device has applied a job: ``applied`` of its ``total`` batches."""
+
+    applied: int
+    total: int
 
 
 class OfflineStore(AsyncClosable):
@@ -218,6 +227,19 @@ class OfflineStore(AsyncClosable):
     async def applied_batch_ids(self, batch_ids: Iterable[str]) -> set[str]:
         """Which of ``batch_ids`` this device has applied."""
         return await tables.applied_batch_ids(self._db, list(batch_ids))
+
+    async def progress(self, job_id: str) -> JobProgress | None:
+        """How many of a job's batches this device has applied, of the job's total;
+        ``None`` for a job it has applied no batch of (or only batches from before the
+        store recorded totals). Each batch counts once, however often it was delivered;
+        readable as long as the batch ids are remembered (see ``prune``).
+
+        Example::
+
+            progress = await store.progress(result.job_id)  # JobProgress(applied=3, total=40)
+        """
+        found = await tables.progress(self._db, job_id)
+        return None if found is None else JobProgress(*found)
 
     async def wait_for_batches(
         self, batch_ids: Iterable[str], *, timeout: float, interval: float = 0.02

@@ -6,8 +6,9 @@
   the committed state until the app commits or rolls back;
 - ``tombstones``: objects removed because they were deleted or gone, so a late upsert
   cannot bring them back;
-- ``applied_batches``: every change batch applied, recorded in the same transaction, so a
-  redelivered batch changes nothing;
+- ``applied_batches``: every change batch applied, with its job and the job's number of
+  batches, recorded in the same transaction, so a redelivered batch changes nothing and
+  the app can read how far a job has come;
 - ``device_state``: flags about the device as a whole, such as "resync required".
 
 The views' own catalog (``synced_entities``, ``entity_members``) is created here with the
@@ -39,6 +40,7 @@ __all__ = [
     "delete_uncommitted",
     "ids",
     "mark_resync",
+    "progress",
     "prune",
     "query",
     "record_batch",
@@ -54,7 +56,7 @@ __all__ = [
 
 RESYNC = "resync_required"
 # Incremented when a new version of the store needs existing databases brought up to date.
-STORE_VERSION = 2
+STORE_VERSION = 3
 
 OBJECTS_TABLE = """
 CREATE TABLE IF NOT EXISTS objects (
@@ -87,8 +89,10 @@ CREATE TABLE IF NOT EXISTS tombstones (
 CREATE TABLE IF NOT EXISTS applied_batches (
     batch_id TEXT PRIMARY KEY,
     job_id TEXT NOT NULL,
-    applied_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP
+    applied_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP,
+    total INTEGER
 );
+CREATE INDEX IF NOT EXISTS applied_batches_job ON applied_batches (job_id);
 CREATE TABLE IF NOT EXISTS synced_entities (
     entity TEXT PRIMARY KEY
 ) WITHOUT ROWID;
@@ -165,20 +169,21 @@ def timestamp(moment: datetime) -> str:
 # Writes, in the caller's transaction.
 
 
-async def record_batch(db: aiosqlite.Connection, batch_id: str, job_id: str) -> bool:
-    """Record a batch as applied; ``False`` when it was applied before."""
+async def record_batch(db: aiosqlite.Connection, batch_id: str, job_id: str, total: int) -> bool:
+    """Record a batch of a job of ``total`` batches as applied; ``False`` when it was
+    applied before."""
     cursor = await db.execute(
-        "INSERT OR IGNORE INTO applied_batches (batch_id, job_id) VALUES (?, ?)",
-        (batch_id, job_id),
+        "INSERT OR IGNORE INTO applied_batches (batch_id, job_id, total) VALUES (?, ?, ?)",
+        (batch_id, job_id, total),
     )
     return cursor.rowcount == 1
 
 
-async def record_batches(db: aiosqlite.Connection, batches: Sequence[tuple[str, str]]) -> None:
-    """Record batches (batch id, job id) known not to be recorded yet."""
+async def record_batches(db: aiosqlite.Connection, batches: Sequence[tuple[str, str, int]]) -> None:
+    """Record batches (batch id, job id, the job's total) known not to be recorded yet."""
     if batches:
         await db.executemany(
-            "INSERT INTO applied_batches (batch_id, job_id) VALUES (?, ?)", batches
+            "INSERT INTO applied_batches (batch_id, job_id, total) VALUES (?, ?, ?)", batches
         )
 
 
@@ -288,6 +293,19 @@ async def applied_batch_ids(db: aiosqlite.Connection, batch_ids: list[str]) -> s
         f"SELECT batch_id FROM applied_batches WHERE batch_id IN ({placeholders})", batch_ids
     ) as cursor:
         return {row[0] for row in await cursor.fetchall()}
+
+
+async def progress(db: aiosqlite.Connection, job_id: str) -> tuple[int, int] | None:
+    """(batches applied, the job's total) of a job, or ``None`` when no batch of it that
+    carried its total is recorded. A job run twice (a worker killed after its batches
+    went out) may have made some batches anew: the count stops at the total."""
+    async with db.execute(
+        "SELECT COUNT(*), MAX(total) FROM applied_batches WHERE job_id = ?", (job_id,)
+    ) as cursor:
+        row = await cursor.fetchone()
+    if row is None or row[1] is None:
+        return None
+    return min(int(row[0]), int(row[1])), int(row[1])
 
 
 async def state(db: aiosqlite.Connection, key: str) -> tuple[str, str] | None:

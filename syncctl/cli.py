@@ -50,6 +50,7 @@ from syncctl.devices import (
     register_device,
     unregister_device,
 )
+from syncctl.progress import ProgressBar
 from syncctl.roles import set_user_roles, user_roles
 from worker.database import connect as connect_database
 from worker.model import EXAMPLE_MODEL, load_model
@@ -316,6 +317,8 @@ async def _no_result(settings: ServerSettings, job_id: str, timeout: float) -> P
 
 async def sync(args: argparse.Namespace, settings: ServerSettings) -> int:
     job_id = args.job_id or SyncClient.new_job_id()
+    # On a terminal, a bar follows the job; in a pipe or a file, only the result is shown.
+    bar = ProgressBar(sys.stderr) if sys.stderr.isatty() else None
     async with await SyncClient.connect(settings.amqp_url, name="syncctl") as client:
         try:
             result = await client.synchronize_to_device(
@@ -327,6 +330,7 @@ async def sync(args: argparse.Namespace, settings: ServerSettings) -> int:
                 origin=args.origin,
                 timeout=args.timeout,
                 job_id=job_id,
+                on_progress=bar.show if bar is not None else None,
             )
         except TimeoutError:
             raise await _no_result(settings, job_id, args.timeout) from None
@@ -334,6 +338,9 @@ async def sync(args: argparse.Namespace, settings: ServerSettings) -> int:
             # Each argument was checked; the job as a whole may still be out of bounds.
             message = error.errors()[0]["msg"].removeprefix("Value error, ")
             raise ConfigurationError(f"not a valid job: {message}") from None
+        finally:
+            if bar is not None:
+                bar.close()
     print(result.model_dump_json(indent=2))
     return 0 if result.status != "rejected" else 1
 

@@ -35,7 +35,11 @@ def _note(n: int, version: int = 1, **data: Any) -> UpsertChange:
 
 def _encoded(device: Device, *changes: Change) -> EncodedBatch:
     return encode_batch(
-        "job-group", device.device_id, [change.model_dump_json() for change in changes]
+        "job-group",
+        device.device_id,
+        [change.model_dump_json() for change in changes],
+        position=1,
+        total=1,
     )
 
 

@@ -26,7 +26,12 @@ async def store(tmp_path):
 
 def _rows(*changes: Any, batch_id: str | None = None) -> BatchRows:
     batch = ChangeBatch(
-        batch_id=batch_id or uuid.uuid4().hex, job_id="j", device_id="d", changes=changes
+        batch_id=batch_id or uuid.uuid4().hex,
+        job_id="j",
+        device_id="d",
+        position=1,
+        total=1,
+        changes=changes,
     )
     return batch_rows(as_read_batch(batch))
 
@@ -77,6 +82,7 @@ async def test_an_unappliable_batch_is_rolled_back_alone(store: OfflineStore, tm
     bad = BatchRows(
         batch_id="bad",
         job_id="j",
+        total=1,
         members={"Task": {"colour"}},
         upserts=[("Task", 2**70, 1, '{"colour": "red"}')],
         removed=[],

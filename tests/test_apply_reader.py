@@ -41,7 +41,9 @@ def _changes() -> tuple[Any, ...]:
 
 
 def _batch(*changes: Any) -> ChangeBatch:
-    return ChangeBatch(batch_id="b-1", job_id="job-1", device_id="dev-1", changes=changes)
+    return ChangeBatch(
+        batch_id="b-1", job_id="job-1", device_id="dev-1", position=1, total=1, changes=changes
+    )
 
 
 def _plain(batch: wire.ReadBatch) -> list[Any]:
@@ -50,6 +52,8 @@ def _plain(batch: wire.ReadBatch) -> list[Any]:
         batch.batch_id,
         batch.job_id,
         batch.device_id,
+        batch.position,
+        batch.total,
         [
             {
                 "type": type(change).__name__,
@@ -83,7 +87,8 @@ def _without_the_strict_reader(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_the_workers_encoding_is_read_without_the_strict_reader(monkeypatch):
-    body = encode_batch("job-1", "dev-1", [change.model_dump_json() for change in _changes()]).body
+    texts = [change.model_dump_json() for change in _changes()]
+    body = encode_batch("job-1", "dev-1", texts, position=2, total=3).body
     expected = as_read_batch(decode(ChangeBatch, body))
     _without_the_strict_reader(monkeypatch)
     assert decode_batch(body) == expected
@@ -150,6 +155,10 @@ REFUSED = {
     "schema-version-string": (b'"schema_version":1', b'"schema_version":"1"'),
     "schema-version-2": (b'"schema_version":1', b'"schema_version":2'),
     "changes-null": (b'"changes":[', b'"changes":null,"x":['),
+    "position-zero": (b'"position":1', b'"position":0'),
+    "position-past-total": (b'"position":1', b'"position":2'),
+    "position-string": (b'"position":1', b'"position":"1"'),
+    "total-missing": (b'"total":1,', b""),
     "too-deep": (b'"note":null', b'"note":' + b"[" * 250 + b"]" * 250),
     "trailing": (b"}]}", b"}]} x"),
 }

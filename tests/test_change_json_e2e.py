@@ -127,7 +127,10 @@ async def test_postgresql_writes_each_value_as_the_worker_serialized_it(
     # only a float with an exponent (PostgreSQL writes -2.5e-07) is handed to that one.
     monkeypatch.setattr(wire, "decode", _refuse)
     fast = [record[UPSERT] for record in records if record["id"] != 2]
-    assert len(decode_batch(encode_batch("job-1", "dev-1", fast).body).changes) == 2
+    assert (
+        len(decode_batch(encode_batch("job-1", "dev-1", fast, position=1, total=1).body).changes)
+        == 2
+    )
     assert written[1]["data"]["at_tz"] == "2025-05-01T10:00:00.510000Z"
     assert written[1]["data"]["d_numeric"] == "480.5000"
     assert written[2]["data"]["at_tz"] == "1999-12-31T23:59:59Z"

@@ -90,6 +90,8 @@ async def test_redelivered_batch_changes_nothing(
         batch_id=uuid.uuid4().hex,
         job_id="redelivery",
         device_id=device.device_id,
+        position=1,
+        total=1,
         changes=(UpsertChange(entity="Task", id=task, version=version, data={"title": "server"}),),
     )
     changes = await amqp.get_exchange(CHANGES_EXCHANGE.name)

@@ -27,7 +27,14 @@ def _app_sql(path: Path, sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:
 
 
 def _batch(*changes: Any, device_id: str = "d") -> ChangeBatch:
-    return ChangeBatch(batch_id=uuid.uuid4().hex, job_id="j", device_id=device_id, changes=changes)
+    return ChangeBatch(
+        batch_id=uuid.uuid4().hex,
+        job_id="j",
+        device_id=device_id,
+        position=1,
+        total=1,
+        changes=changes,
+    )
 
 
 # (a) A batch carrying a non-finite value, published straight to a device's queue.

@@ -187,6 +187,33 @@ async def test_retrying_with_the_same_job_id_has_the_effect_of_one_submission(
     assert await device.store.ids("Task") == [task]
 
 
+@pytest.mark.usefixtures("worker")
+async def test_progress_reports_come_when_asked_and_the_result_is_unchanged(
+    node: str, services: Services, make_device: MakeDevice, pg
+):
+    device = await make_device(7, ["Admin"])
+    ids = [
+        row["id"]
+        for row in await pg.fetch(
+            "INSERT INTO t_task (title) SELECT 't' || g FROM generate_series(1, 120) g RETURNING id"
+        )
+    ]
+    listed = "Task:" + ",".join(map(str, ids))
+    args = ("--user", "7", "--device", device.device_id, "--list", listed)
+
+    asked = await sync_js(node, services.amqp_url, *args, "--progress")
+    assert asked.code == 0, asked.stderr
+    # The test worker's batches hold 50 changes: 3 batches. A report still waiting when
+    # a newer one comes is replaced by it, so some may be left out, never the last.
+    reported = [line.removeprefix("progress ") for line in asked.stderr.splitlines()]
+    assert reported[-1] == "3/3" and sorted(set(reported)) == reported, reported
+    assert len(_result(asked)["batch_ids"]) == 3
+
+    plain = await sync_js(node, services.amqp_url, *args)
+    assert plain.code == 0 and plain.stderr == ""
+    assert _result(plain)["status"] == "done"
+
+
 async def test_the_client_builds_jobs_the_worker_parses(node: str):
     """The job JSON the client builds is a ``SyncJob``, ids as exact JSON integers."""
     script = """

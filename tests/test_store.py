@@ -15,7 +15,9 @@ import pytest
 from pydantic import ValidationError
 
 from broker import ChangeBatch, OverlayChange, RemoveChange, ResyncChange, UpsertChange
-from device_agent import OfflineStore
+from broker.wire import as_read_batch
+from device_agent import JobProgress, OfflineStore
+from device_agent.apply import batch_rows
 from device_agent.tables import SCHEMA
 from device_agent.views import ViewCatalog
 
@@ -29,7 +31,9 @@ async def store(tmp_path):
 
 
 def _batch(*changes) -> ChangeBatch:
-    return ChangeBatch(batch_id=uuid.uuid4().hex, job_id="j", device_id="d", changes=changes)
+    return ChangeBatch(
+        batch_id=uuid.uuid4().hex, job_id="j", device_id="d", position=1, total=1, changes=changes
+    )
 
 
 def _upsert(object_id: int, version: int, **data) -> UpsertChange:
@@ -420,3 +424,74 @@ async def test_a_loss_announced_during_the_apps_resync_keeps_the_flag(store: Off
     started = datetime.now(UTC)
     await store.clear_resync_required(started=started)
     assert await store.resync_required() is None
+
+
+# Progress of a job.
+
+
+def _placed(job_id: str, position: int, total: int, *changes) -> ChangeBatch:
+    return ChangeBatch(
+        batch_id=uuid.uuid4().hex,
+        job_id=job_id,
+        device_id="d",
+        position=position,
+        total=total,
+        changes=changes,
+    )
+
+
+async def test_progress_counts_each_applied_batch_of_the_job_once(store: OfflineStore):
+    first, second, third = (_placed("big", n, 3, _upsert(n, 1, title=f"t{n}")) for n in (1, 2, 3))
+    assert await store.progress("big") is None
+    assert await store.apply_batch(first)
+    assert not await store.apply_batch(first)  # redelivered
+    assert await store.progress("big") == JobProgress(applied=1, total=3)
+    # A group holding a batch twice, and one applied before.
+    rows = [batch_rows(as_read_batch(batch)) for batch in (first, second, second)]
+    assert await store.apply_group(rows) == [False, True, False]
+    assert await store.progress("big") == JobProgress(applied=2, total=3)
+    await store.apply_batch(_placed("other", 1, 1, _upsert(9, 1, title="x")))
+    await store.apply_batch(third)
+    assert await store.progress("big") == JobProgress(applied=3, total=3)
+    assert await store.progress("other") == JobProgress(applied=1, total=1)
+    assert await store.progress("unknown") is None
+
+
+async def test_progress_of_a_job_run_twice_stops_at_its_total(store: OfflineStore):
+    # Run again after its batches went out, with newer state: one batch is new.
+    for n, title in ((1, "a"), (2, "b"), (2, "b2")):
+        await store.apply_batch(_placed("again", n, 2, _upsert(n, 1, title=title)))
+    assert await store.progress("again") == JobProgress(applied=2, total=2)
+
+
+async def test_progress_is_readable_as_long_as_the_batches_are_remembered(
+    store: OfflineStore, tmp_path
+):
+    await store.apply_batch(_placed("old", 1, 2, _upsert(1, 1, title="a")))
+    async with aiosqlite.connect(tmp_path / "device.sqlite") as db:
+        await db.execute("UPDATE applied_batches SET applied_at = '2020-01-01 00:00:00'")
+        await db.commit()
+    assert await store.prune(timedelta(days=35)) == (1, 0)
+    assert await store.progress("old") is None
+
+
+async def test_an_older_store_gets_batch_totals_at_open(tmp_path):
+    path = tmp_path / "device.sqlite"
+    before = _placed("before", 1, 2, _upsert(1, 1, title="a"))
+    async with await OfflineStore.open(path) as store:
+        await store.apply_batch(before)
+    with closing(sqlite3.connect(path)) as db:
+        db.executescript(
+            "DROP INDEX applied_batches_job; ALTER TABLE applied_batches DROP COLUMN total;"
+            "PRAGMA user_version = 2;"
+        )
+    async with await OfflineStore.open(path) as store:
+        # Applied before the upgrade: still applied once, but its total is unknown.
+        assert not await store.apply_batch(before)
+        assert await store.progress("before") is None
+        await store.apply_batch(_placed("after", 1, 2, _upsert(2, 1, title="b")))
+        assert await store.progress("after") == JobProgress(applied=1, total=2)
+    _, rows = _app_sql(path, "PRAGMA user_version")
+    assert rows == [(3,)]
+    _, indexes = _app_sql(path, "SELECT name FROM sqlite_master WHERE type = 'index'")
+    assert ("applied_batches_job",) in indexes

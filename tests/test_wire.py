@@ -14,7 +14,7 @@ import pytest
 
 from broker import wire
 from broker.logs import TextFormatter, configure_logging
-from broker.models import ChangeBatch, SyncJob, SyncResult
+from broker.models import ChangeBatch, SyncJob, SyncProgress, SyncResult
 from broker.wire import WireError, decode, json_schema
 from tests.conftest import ROOT
 
@@ -39,6 +39,8 @@ def _batch(**data: Any) -> dict[str, Any]:
         "batch_id": "b-1",
         "job_id": JOB_ID,
         "device_id": "dev-1",
+        "position": 1,
+        "total": 2,
         "changes": [
             {"op": "upsert", "entity": "Task", "id": 1, "version": 3, "data": data or {"x": 1}}
         ],
@@ -250,8 +252,22 @@ def test_batch_with_number_too_large_for_a_double_is_refused():
         (b'"version": 3', b'"version": true', "invalid-batch: changes.0.upsert.version: "),
         (b'"schema_version": 1', b'"schema_version": "1"', "unsupported-schema-version: "),
         (b'"x": 1', b'"x": 1, "x": 2', "malformed-json: duplicate key x"),
+        (b'"position": 1', b'"position": "1"', "invalid-batch: position: "),
+        (b'"position": 1', b'"position": 0', "invalid-batch: position: "),
+        (b'"position": 1', b'"position": 3', "invalid-batch: position 3 is past the total 2"),
+        (b'"total": 2, ', b"", "invalid-batch: total: Field required"),
     ],
-    ids=["id-string", "version-string", "version-true", "schema-version-string", "duplicate"],
+    ids=[
+        "id-string",
+        "version-string",
+        "version-true",
+        "schema-version-string",
+        "duplicate",
+        "position-string",
+        "position-zero",
+        "position-past-total",
+        "total-missing",
+    ],
 )
 def test_batch_is_read_strictly(old: bytes, new: bytes, reason: str):
     assert _reason(ChangeBatch, _body(_batch()).replace(old, new)).startswith(reason)
@@ -259,7 +275,7 @@ def test_batch_is_read_strictly(old: bytes, new: bytes, reason: str):
 
 def test_valid_batch_decodes():
     batch = decode(ChangeBatch, _body(_batch(title="a", amount=1.5)))
-    assert batch.batch_id == "b-1"
+    assert (batch.batch_id, batch.position, batch.total) == ("b-1", 1, 2)
     assert batch.changes[0].model_dump() == {
         "op": "upsert",
         "entity": "Task",
@@ -295,6 +311,32 @@ def test_result_refuses_what_parsers_disagree_on(old: bytes, new: bytes, reason:
     assert _reason(SyncResult, _body(_result()).replace(old, new)) == reason
 
 
+def _progress(**overrides: Any) -> dict[str, Any]:
+    progress: dict[str, Any] = {"schema_version": 1, "job_id": JOB_ID, "published": 2, "total": 5}
+    progress.update(overrides)
+    return progress
+
+
+def test_valid_progress_decodes():
+    progress = decode(SyncProgress, _body(_progress()))
+    assert (progress.job_id, progress.published, progress.total) == (JOB_ID, 2, 5)
+
+
+@pytest.mark.parametrize(
+    ("progress", "reason"),
+    [
+        (_progress(published="2"), "invalid-progress: published: "),
+        (_progress(published=0), "invalid-progress: published: "),
+        (_progress(published=6), "invalid-progress: published 6 is past the total 5"),
+        (_progress(extra=1), "invalid-progress: extra: Extra inputs are not permitted"),
+        (_progress(schema_version=2), "unsupported-schema-version: 2"),
+    ],
+    ids=["published-string", "published-zero", "past-total", "extra", "version"],
+)
+def test_progress_is_read_strictly(progress: dict[str, Any], reason: str):
+    assert _reason(SyncProgress, _body(progress)).startswith(reason)
+
+
 def test_valid_result_decodes():
     result = decode(SyncResult, _body(_result()))
     assert (result.status, result.synced, result.objects[0].outcome) == ("done", 1, "synced")
@@ -312,7 +354,7 @@ def test_job_schema_requires_the_version_and_types_ids_as_integers():
     assert schema["$defs"]["Session"]["properties"]["user_id"]["type"] == "integer"
 
 
-@pytest.mark.parametrize("name", ["job", "result", "batch"])
+@pytest.mark.parametrize("name", ["job", "result", "progress", "batch"])
 def test_every_message_schema_requires_the_version(name: str):
     assert json_schema(name)["required"][0] == "schema_version"
 

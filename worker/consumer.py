@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
 
 from broker.accounts import device_of_account
-from broker.client import DIRECT_REPLY_TO
+from broker.client import DIRECT_REPLY_TO, PROGRESS_HEADER, RESULT_TYPE
 from broker.errors import PUBLISH_FAILED
 from broker.models import JOB_ID_PATTERN, MAX_OBJECTS_PER_JOB, SyncJob, SyncResult
 from broker.publishing import json_message
@@ -35,6 +35,7 @@ from worker.handler import Claimed, JobHandler, claim, ignored
 from worker.limits import DeviceLimits
 from worker.metrics import DEVICE_LOCK_WAIT, record_failed_job, record_job
 from worker.model import DomainModel
+from worker.progress import ProgressReply
 from worker.pushes import FOLLOW_HEADER
 from worker.queries import compile_queries
 from worker.scheduler import Busy, DeviceScheduler
@@ -76,6 +77,7 @@ class Pending:
     # poison job cannot take the others of its device down with it.
     alone: bool = False
     push: PushTicket | None = None
+    progress: ProgressReply | None = None
 
 
 @dataclass(eq=False)
@@ -194,12 +196,27 @@ class JobConsumer:
         except JobRejected as rejected:
             await self._answer(message, started, job, error=Reject(rejected.reason))
             return
+        progress = None
         if push is not None:
             # The device's owner comes from PostgreSQL when the push runs.
             claimed_user = None
-        claimed = Claimed(job, device_id, claimed_user, targets, push, queries)
-        pending = Pending(message, claimed, started)
-        self.scheduler.submit(device_id, pending)
+        elif (message.headers or {}).get(PROGRESS_HEADER) is True and _direct(message):
+            progress = ProgressReply(
+                self._results,
+                job_id=job.job_id,
+                reply_to=message.reply_to or "",
+                correlation_id=message.correlation_id,
+            )
+        claimed = Claimed(
+            job,
+            device_id,
+            claimed_user,
+            targets,
+            push,
+            queries,
+            progress=progress.report if progress is not None else None,
+        )
+        self.scheduler.submit(device_id, Pending(message, claimed, started, progress=progress))
 
     async def _run(self, device_id: str, group: list[Pending]) -> None:
         """Serve a device's jobs in hand; raises ``Busy`` to be tried again later."""
@@ -247,7 +264,12 @@ class JobConsumer:
         """Answer and settle a delivery; for a push served here, tell the feed."""
         if pending.message is not None:
             await self._answer(
-                pending.message, pending.received, pending.claimed.job, error=error, result=result
+                pending.message,
+                pending.received,
+                pending.claimed.job,
+                error=error,
+                result=result,
+                progress=pending.progress,
             )
             return
         assert pending.push is not None
@@ -272,9 +294,11 @@ class JobConsumer:
         *,
         error: BaseException | None = None,
         result: Answer | None = None,
+        progress: ProgressReply | None = None,
     ) -> None:
-        """Answer the caller (``result``, or the rejection), then settle ``message``. A job
-        handed back to be tried again gets no answer yet."""
+        """Answer the caller (``result``, or the rejection), after the job's last progress
+        report if it asked for them, then settle ``message``. A job handed back to be tried
+        again gets no answer yet."""
         job_id = job.job_id if job is not None else job_id_of(message)
 
         async def answer(reason: str | None) -> None:
@@ -284,6 +308,8 @@ class JobConsumer:
             assert final is not None
             seconds = time.perf_counter() - started
             record_job(final, seconds)
+            if progress is not None:
+                await progress.finish()
             await self._reply(message, final)
             log.info(
                 "job " + ("rejected" if reason else final.status),
@@ -306,15 +332,13 @@ class JobConsumer:
     async def _reply(self, message: AbstractIncomingMessage, result: Answer) -> None:
         if not message.reply_to:
             return
-        if not message.reply_to.startswith(DIRECT_REPLY_TO):
-            # The worker publishes with the operator's rights: a reply_to naming a queue
-            # would let a device drop messages into any queue (another device's, say).
+        if not _direct(message):
             log.warning(
                 "result not sent: reply_to is not direct reply-to",
                 extra={"job_id": result.job_id, "reply_to": message.reply_to},
             )
             return
-        reply = json_message(result.body, correlation_id=message.correlation_id)
+        reply = json_message(result.body, correlation_id=message.correlation_id, type=RESULT_TYPE)
         try:
             # Not mandatory: a caller that stopped waiting is no reason to fail the job.
             await self._results.publish(
@@ -322,6 +346,13 @@ class JobConsumer:
             )
         except PUBLISH_FAILED as error:
             log.warning("result not sent", extra={"job_id": result.job_id, "error": repr(error)})
+
+
+def _direct(message: AbstractIncomingMessage) -> bool:
+    """Whether replies may go to ``message``'s reply_to. The worker publishes with the
+    operator's rights: a reply_to naming a queue would let a device drop messages into any
+    queue (another device's, say)."""
+    return bool(message.reply_to and message.reply_to.startswith(DIRECT_REPLY_TO))
 
 
 def _parked(group: list[Pending]) -> None:

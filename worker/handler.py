@@ -32,6 +32,7 @@ from worker.devices import DEVICE_LOCK_CLASS, LET_GO, PEND, RELEASE, TAKE
 from worker.eligibility import DELETED, GONE, NO_ACCESS, SYNCED, Decision, Found, decide
 from worker.errors import JobRejected
 from worker.model import DomainModel
+from worker.progress import Report, stream_progress
 from worker.publisher import BatchPublisher, EncodedBatch
 from worker.queries import CompiledQuery, list_targets
 from worker.resolver import fetch_rows
@@ -62,6 +63,8 @@ class Claimed:
     push: str | None = None
     # The job's queries, compiled; listed into ``targets`` under the device's lock.
     queries: tuple[CompiledQuery, ...] = ()
+    # Told how many of the job's batches the broker confirmed, when its caller asked.
+    progress: Report | None = None
 
 
 # What a job of a group comes to: its answer, or why it is rejected.
@@ -324,8 +327,16 @@ class JobHandler:
                 changes = [resync.model_dump_json(), *changes]
             batches = self._publisher.encode(job.job_id, device_id, changes)
             per_job.append((job, decision, batches))
+        # Several jobs share the stream; each one's progress counts its own batches (the
+        # pushes' unit, last, has no caller to tell).
+        reports = [c.progress for c in jobs] + [None] * (len(per_job) - len(jobs))
+        confirmed = stream_progress(
+            zip(reports, (len(batches) for _, _, batches in per_job), strict=True)
+        )
         try:
-            await self._publisher.publish(device_id, [b for _, _, bs in per_job for b in bs])
+            await self._publisher.publish(
+                device_id, [b for _, _, bs in per_job for b in bs], confirmed=confirmed
+            )
         except Unroutable:
             raise JobRejected("no-device-queue") from None
         except Refused:

@@ -10,7 +10,7 @@ from aio_pika.abc import AbstractExchange
 from pydantic import TypeAdapter
 from typing_extensions import TypedDict
 
-from broker.publishing import json_message, publish_confirmed
+from broker.publishing import Confirmed, json_message, publish_confirmed
 
 __all__ = ["BatchPublisher", "EncodedBatch", "batch_id", "encode_batch"]
 
@@ -20,6 +20,8 @@ class _Envelope(TypedDict):
     batch_id: str
     job_id: str
     device_id: str
+    position: int
+    total: int
 
 
 _ENVELOPE = TypeAdapter(_Envelope)
@@ -45,17 +47,28 @@ class EncodedBatch:
     body: bytes
 
 
-def encode_batch(job_id: str, device_id: str, changes: Sequence[str]) -> EncodedBatch:
+def encode_batch(
+    job_id: str, device_id: str, changes: Sequence[str], *, position: int, total: int
+) -> EncodedBatch:
     """A ``ChangeBatch`` as JSON around ``changes``, each change's JSON text as written
-    (mostly by PostgreSQL), so no change is parsed or encoded again here.
+    (mostly by PostgreSQL), so no change is parsed or encoded again here; the batch is
+    number ``position`` of the ``total`` of its job.
 
     The envelope is written in ``ChangeBatch``'s field order; a test checks that the result
     reads back as the ``ChangeBatch`` of those changes.
     """
     changes_json = ("[" + ",".join(changes) + "]").encode()
+    # Not from the place: a job run again with the same content makes the same ids.
     the_id = batch_id(job_id, changes_json)
     envelope = _ENVELOPE.dump_json(
-        {"schema_version": 1, "batch_id": the_id, "job_id": job_id, "device_id": device_id}
+        {
+            "schema_version": 1,
+            "batch_id": the_id,
+            "job_id": job_id,
+            "device_id": device_id,
+            "position": position,
+            "total": total,
+        }
     )
     return EncodedBatch(the_id, job_id, envelope[:-1] + b',"changes":' + changes_json + b"}")
 
@@ -70,16 +83,31 @@ class BatchPublisher:
         self._window = window
 
     def encode(self, job_id: str, device_id: str, changes: Sequence[str]) -> list[EncodedBatch]:
-        """``changes`` (JSON texts) cut into batches of at most ``batch_size``."""
+        """``changes`` (JSON texts) cut into batches of at most ``batch_size``, each
+        numbered among them."""
+        starts = range(0, len(changes), self._batch_size)
         return [
-            encode_batch(job_id, device_id, changes[start : start + self._batch_size])
-            for start in range(0, len(changes), self._batch_size)
+            encode_batch(
+                job_id,
+                device_id,
+                changes[start : start + self._batch_size],
+                position=position,
+                total=len(starts),
+            )
+            for position, start in enumerate(starts, 1)
         ]
 
-    async def publish(self, device_id: str, batches: Sequence[EncodedBatch]) -> None:
+    async def publish(
+        self,
+        device_id: str,
+        batches: Sequence[EncodedBatch],
+        *,
+        confirmed: Confirmed | None = None,
+    ) -> None:
         """Publish ``batches`` to the device, in order, confirmed in windows; returns once
-        the broker confirmed them all. Raises ``Unroutable`` (no device queue),
-        ``Refused`` (the queue is full) or ``BrokerUnavailable``."""
+        the broker confirmed them all, calling ``confirmed(index)`` as each one is. Raises
+        ``Unroutable`` (no device queue), ``Refused`` (the queue is full) or
+        ``BrokerUnavailable``."""
         messages = [
             json_message(batch.body, message_id=batch.batch_id, correlation_id=batch.job_id)
             for batch in batches
@@ -90,4 +118,5 @@ class BatchPublisher:
             routing_key=device_id,
             timeout=self._timeout,
             window=self._window,
+            confirmed=confirmed,
         )

@@ -4,7 +4,8 @@
  *
  * It speaks the wire contract of docs/wire.md: jobs go to the `sync.jobs` exchange as
  * persistent JSON on a confirm channel, and results come back over RabbitMQ's direct
- * reply-to, matched by correlation id.
+ * reply-to, matched by correlation id. A caller that passes `onProgress` also gets the
+ * job's progress reports (messages of type `progress`) before its result.
  *
  *   const { SyncClient } = require('./client');
  *   const client = await SyncClient.connect('amqp://sync:sync@127.0.0.1:5673/');
@@ -20,6 +21,9 @@ const amqp = require('amqplib');
 
 const JOBS_EXCHANGE = 'sync.jobs';
 const DIRECT_REPLY_TO = 'amq.rabbitmq.reply-to';
+// Set to true on a job to get its progress reports; replies say which they are by `type`.
+const PROGRESS_HEADER = 'x-sync-progress';
+const PROGRESS_TYPE = 'progress';
 const DEVICE_USER_PREFIX = 'device.';
 const SCHEMA_VERSION = 1;
 const MAX_OBJECTS_PER_JOB = 100_000;
@@ -242,6 +246,26 @@ function parseResult(body) {
   return valid ? result : null;
 }
 
+/** A progress report `{job_id, published, total}` as the worker sends it, or null. */
+function parseProgress(body) {
+  let progress;
+  try {
+    progress = JSON.parse(body.toString('utf8'));
+  } catch {
+    return null;
+  }
+  const valid =
+    progress !== null &&
+    typeof progress === 'object' &&
+    progress.schema_version === SCHEMA_VERSION &&
+    typeof progress.job_id === 'string' &&
+    Number.isInteger(progress.published) &&
+    Number.isInteger(progress.total) &&
+    progress.published >= 1 &&
+    progress.published <= progress.total;
+  return valid ? progress : null;
+}
+
 // --- the broker -----------------------------------------------------------------------
 
 /** `amqp://user:secret@host:port/vhost` as `host:port`: for messages, never the secret. */
@@ -351,7 +375,7 @@ class SyncClient {
   #user;
   #where;
   #publishTimeoutMs;
-  #pending = new Map(); // job id -> {resolve, reject}
+  #pending = new Map(); // job id -> {resolve, reject, onProgress}
   #returned = new Set(); // job ids the broker returned as unroutable
   #closed = null; // the error that ended the client, once it ended
 
@@ -413,6 +437,14 @@ class SyncClient {
       this.#end(new BrokerUnavailable('the broker cancelled the reply consumer'));
       return;
     }
+    if (message.properties.type === PROGRESS_TYPE) {
+      const progress = parseProgress(message.content);
+      if (progress === null) return;
+      // A job no longer waited for (or that did not ask) is not reported.
+      const waiting = this.#pending.get(message.properties.correlationId ?? progress.job_id);
+      waiting?.onProgress?.(progress);
+      return;
+    }
     const result = parseResult(message.content);
     if (result === null) return; // not a result of ours: nothing to resolve
     const waiting = this.#pending.get(message.properties.correlationId ?? result.job_id);
@@ -435,8 +467,15 @@ class SyncClient {
    *
    * A device account (`device.<id>`) speaks for its own device only: `deviceId` defaults
    * to it, and the worker uses the device's registered user whatever `userId` says.
+   *
+   * `onProgress` (with `wait`) is called with each progress report of the job while it
+   * runs, `{job_id, published, total}`: batches confirmed of the job's total, rising. A
+   * job that sends nothing, or is rejected, reports none; reports are best effort.
    */
-  async synchronizeToDevice(session, { wait = true, timeoutMs = 10_000, ...targets } = {}) {
+  async synchronizeToDevice(
+    session,
+    { wait = true, timeoutMs = 10_000, onProgress = null, ...targets } = {},
+  ) {
     const own = this.ownDevice;
     const deviceId = session?.deviceId ?? own;
     if (own !== null && deviceId !== own) {
@@ -445,6 +484,9 @@ class SyncClient {
     const job = buildJob({ ...session, deviceId }, targets);
     const body = Buffer.from(encodeJson(job), 'utf8');
     if (!wait) {
+      if (onProgress !== null) {
+        throw new InvalidJob('onProgress needs wait: progress goes to the caller');
+      }
       await this.#publish(body, job.job_id, job.session.device_id, false);
       return job.job_id;
     }
@@ -452,11 +494,11 @@ class SyncClient {
       throw new InvalidJob(`job ${job.job_id} is already waiting for its result on this client`);
     }
     const result = new Promise((resolve, reject) =>
-      this.#pending.set(job.job_id, { resolve, reject }),
+      this.#pending.set(job.job_id, { resolve, reject, onProgress }),
     );
     result.catch(() => {}); // observed below; never an unhandled rejection meanwhile
     try {
-      await this.#publish(body, job.job_id, job.session.device_id, true);
+      await this.#publish(body, job.job_id, job.session.device_id, true, onProgress !== null);
       return await withTimeout(
         result,
         timeoutMs,
@@ -471,7 +513,7 @@ class SyncClient {
     }
   }
 
-  async #publish(body, jobId, deviceId, reply) {
+  async #publish(body, jobId, deviceId, reply, progress = false) {
     if (this.#closed) throw this.#closed;
     const properties = {
       persistent: true,
@@ -481,6 +523,7 @@ class SyncClient {
       userId: this.#user,
       mandatory: true,
       ...(reply ? { replyTo: DIRECT_REPLY_TO } : {}),
+      ...(progress ? { headers: { [PROGRESS_HEADER]: true } } : {}),
     };
     const confirmed = new Promise((resolve, reject) => {
       // The routing key (the device) lets a hashing exchange keep a device's jobs on one
@@ -550,5 +593,6 @@ module.exports = {
   deviceOfAccount,
   encodeJson,
   newJobId,
+  parseProgress,
   parseResult,
 };

@@ -29,6 +29,7 @@ const USAGE = `usage: node sync.js [--url URL] --user ID [--device ID] [options]
   --job-id ID           your own job id; retrying with the same id is safe
   --timeout S           seconds to wait for the result (default 10)
   --no-wait             print {"job_id": ...} once the broker has the job
+  --progress            print the job's progress to stderr while it runs ("published/total")
   -h, --help            this text
 
 exit codes: 0 done or ignored, 1 rejected, 2 bad arguments, 3 no result`;
@@ -102,6 +103,7 @@ function parse(argv) {
       'job-id': { type: 'string' },
       timeout: { type: 'string', default: '10' },
       'no-wait': { type: 'boolean', default: false },
+      progress: { type: 'boolean', default: false },
       help: { type: 'boolean', short: 'h', default: false },
     },
   });
@@ -127,6 +129,9 @@ function parse(argv) {
       jobId: values['job-id'],
       wait: !values['no-wait'],
       timeoutMs: timeout * 1000,
+      ...(values.progress
+        ? { onProgress: (p) => console.error(`progress ${p.published}/${p.total}`) }
+        : {}),
     },
   };
 }
