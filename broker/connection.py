@@ -8,6 +8,7 @@ first node that answers, and a connection whose node dies reconnects to the next
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -99,6 +100,17 @@ class _NodesConnection(RobustConnection):
         await super()._RobustConnection__connect_transport()  # type: ignore[misc]
 
 
+def _reason(error: BaseException) -> str:
+    """Why a connection could not be made, in words (``connection refused``)."""
+    if isinstance(error, TimeoutError):
+        return f"no answer within {CONNECT_TIMEOUT:g} s"
+    # Socket errors come wrapped by the driver as (errno, text).
+    code = error.args[0] if error.args and isinstance(error.args[0], int) else None
+    if code is not None:
+        return os.strerror(code).lower()
+    return str(error) or type(error).__name__
+
+
 def node_of(connection: AbstractRobustConnection) -> str:
     """``host:port`` of the node ``connection`` is (or is trying to be) connected to."""
     url: URL = getattr(connection, "url")  # noqa: B009 (the abstract class does not name it)
@@ -135,7 +147,7 @@ async def connect(url: str, name: str) -> AbstractRobustConnection:
             ) from None
         except (aiormq.exceptions.AMQPError, OSError, TimeoutError) as error:
             await connection.close()
-            unreachable.append(f"{where(urls[first])}: {error!r}")
+            unreachable.append(f"{where(urls[first])}: {_reason(error)}")
         else:
             return connection
     raise BrokerUnavailable(f"cannot reach RabbitMQ at {'; '.join(unreachable)}")

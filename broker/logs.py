@@ -67,3 +67,10 @@ def configure_logging(level: str = "INFO", log_format: LogFormat = "text") -> No
     # aio-pika logs every reconnect attempt at length; ours are enough.
     logging.getLogger("aio_pika").setLevel(logging.WARNING)
     logging.getLogger("aiormq").setLevel(logging.WARNING)
+    # A connection that cannot be made is said once, by whoever tried: the first by
+    # ``broker.connection.connect``, a reconnect attempt by aio-pika.
+    logging.getLogger("aiormq.connection").addFilter(_not_a_failed_connect)
+
+
+def _not_a_failed_connect(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("error when creating transport")

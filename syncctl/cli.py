@@ -123,8 +123,9 @@ def _query(text: str) -> Query:
             raise argparse.ArgumentTypeError(
                 f"{text!r}: {entity!r} is not an entity name"
             ) from None
+        # Not echoed whole: it is long.
         raise argparse.ArgumentTypeError(
-            f"{text!r}: the constraint is longer than {MAX_CONSTRAINT_LENGTH} characters"
+            f"{text[:60]!r}...: the constraint is longer than {MAX_CONSTRAINT_LENGTH} characters"
         ) from None
 
 

@@ -35,6 +35,7 @@ from tests.conftest import (
     worker_settings,
 )
 from worker import DomainModel, Worker, parse_model
+from worker.model_changes import stamp
 
 Edit = Callable[[dict[str, Any]], None]
 
@@ -237,6 +238,15 @@ async def test_a_worker_killed_midway_leaves_the_rest_to_the_next(
 
 async def _resync_finished(pg: asyncpg.Connection) -> bool:
     return bool(await pg.fetchval("SELECT resync_after IS NULL FROM sync.entity_rules"))
+
+
+async def test_a_first_stamp_records_and_only_a_changed_one_reports(
+    follow_model: DomainModel, fpg: asyncpg.Connection
+):
+    assert await stamp(fpg, follow_model) == []
+    assert await stamp(fpg, follow_model) == []
+    assert await stamp(fpg, _edited(_owner_reads_title_only)) == ["Order"]
+    assert await fpg.fetchval("SELECT resync_after FROM sync.entity_rules") == ""
 
 
 @pytest.mark.parametrize(

@@ -129,6 +129,7 @@ class Worker:
             model,
             await declare_exchange(channel, DEAD_JOBS_EXCHANGE),
             channel.default_exchange,
+            reports=(await connection.channel(publisher_confirms=False)).default_exchange,
             trusted_publishers=settings.trusted_publishers,
             limits=DeviceLimits(
                 rate=settings.device_rate,

@@ -106,6 +106,7 @@ class JobConsumer:
         dead_jobs: AbstractExchange,
         results: AbstractExchange,
         *,
+        reports: AbstractExchange,
         trusted_publishers: Collection[str],
         limits: DeviceLimits,
         slots: int,
@@ -115,6 +116,9 @@ class JobConsumer:
         self._handler = handler
         self._model = model
         self._results = results
+        # Progress reports are best effort: on a channel without confirms, as a confirm
+        # would wait behind those of the batches the job is publishing.
+        self._reports = reports
         self._trusted = frozenset(trusted_publishers)
         self._limits = limits
         self._publish_timeout = publish_timeout
@@ -202,7 +206,7 @@ class JobConsumer:
             claimed_user = None
         elif (message.headers or {}).get(PROGRESS_HEADER) is True and _direct(message):
             progress = ProgressReply(
-                self._results,
+                self._reports,
                 job_id=job.job_id,
                 reply_to=message.reply_to or "",
                 correlation_id=message.correlation_id,

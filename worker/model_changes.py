@@ -46,13 +46,16 @@ WORKER_GRANTS = ("GRANT SELECT, INSERT, UPDATE, DELETE ON sync.entity_rules TO {
 
 # A first sight records the fingerprint; nothing was sent under other rules that is known.
 _STAMP = """
-WITH dropped AS (DELETE FROM sync.entity_rules WHERE entity <> ALL($1::text[]))
-INSERT INTO sync.entity_rules AS r (entity, fingerprint)
-SELECT * FROM unnest($1::text[], $2::text[])
-ON CONFLICT (entity) DO UPDATE
-SET fingerprint = excluded.fingerprint, stamped_at = now(), resync_after = ''
-WHERE r.fingerprint <> excluded.fingerprint
-RETURNING r.entity
+WITH dropped AS (DELETE FROM sync.entity_rules WHERE entity <> ALL($1::text[])),
+stamped AS (
+    INSERT INTO sync.entity_rules AS r (entity, fingerprint)
+    SELECT * FROM unnest($1::text[], $2::text[])
+    ON CONFLICT (entity) DO UPDATE
+    SET fingerprint = excluded.fingerprint, stamped_at = now(), resync_after = ''
+    WHERE r.fingerprint <> excluded.fingerprint
+    RETURNING r.entity, r.resync_after
+)
+SELECT entity FROM stamped WHERE resync_after IS NOT NULL
 """
 _WORK = """
 SELECT r.entity, r.resync_after FROM sync.entity_rules r
