@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from typing import Never, TextIO
 
 from tqdm import tqdm
@@ -34,8 +35,16 @@ class ProgressBar:
     def show(self, progress: SyncProgress) -> None:
         bar = self._bar
         if bar is None:
+            # A terminal that reports no width (a pty of a headless session) gets 80
+            # columns: tqdm would draw nothing at 0.
+            width = shutil.get_terminal_size().columns or 80
             bar = self._bar = tqdm(
-                total=progress.total, desc="sync", unit="batch", file=self._stream, leave=True
+                total=progress.total,
+                desc="sync",
+                unit="batch",
+                file=self._stream,
+                leave=True,
+                ncols=width,
             )
         bar.update(progress.published - bar.n)
 
