@@ -17,6 +17,8 @@ Starts the local services, then measures in one run:
 - isolation: the other devices' latency while a worker holding a device's job is
   stopped, and while one device floods 20,000 jobs from its own account;
 - the fleet: broker memory per idle device queue, with 10,000 device queues;
+- the connected fleet: broker memory per connected device agent, with 10,000 real agents
+  on the shipped socket buffers and 1,000 on the kernel's (the broker is restarted);
 - follow: commit → applied on every holding device at 1,000, 100 and 50 changes/s with
   1,000 holding devices, the changes/s sustained, and the write ceilings with and without
   the capture trigger.
@@ -35,6 +37,7 @@ from pathlib import Path
 
 from bench.agent import device_side
 from bench.ceilings import broker_paths, ceilings
+from bench.connected import connected
 from bench.fleet import fleet
 from bench.follow import follow
 from bench.isolation import isolation
@@ -55,6 +58,7 @@ SUITES: dict[str, Suite] = {
     "scaleout": lambda env, runs: scaleout(env),
     "isolation": lambda env, runs: isolation(env),
     "fleet": lambda env, runs: fleet(env),
+    "connected": lambda env, runs: connected(env),
     "follow": lambda env, runs: follow(env),
 }
 

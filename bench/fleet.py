@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import asyncpg
@@ -31,15 +32,13 @@ import httpx
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from bench.report import Figure, as_table, progress
-from bench.rig import ROOT, service_env
+from bench.rig import ROOT, ensure_sync_schema, service_env
 from broker.connection import connect, open_channel
 from broker.topology import declare_device_queue, delete_device_queue
 from worker.devices import delete_devices, save_devices
-from worker.schema import SYNC_SCHEMA_SQL
 
-__all__ = ["fleet", "main"]
+__all__ = ["MB", "Memory", "broker_memory", "fleet", "main", "prometheus_url"]
 
-PROMETHEUS_URL = "http://127.0.0.1:15693/metrics"
 PREFIX = "bench-fleet-"
 USER_ID = 1
 CHANNELS = 16  # declarations in flight at once, one per channel (AMQP RPCs are serial)
@@ -50,12 +49,17 @@ MB = 1024 * 1024
 
 @dataclass(frozen=True)
 class Memory:
-    """The broker's memory, in bytes, from one Prometheus scrape."""
+    """The broker's memory, in bytes, and what it holds, from one Prometheus scrape."""
 
     vm: float  # erlang:memory(total): processes + system
     rss: float  # rabbitmq_process_resident_memory_bytes
     queue_processes: float  # rabbitmq_queue_process_memory_bytes (refreshed every ~5 s)
     ets: float
+    binary: float  # the binary heap: socket buffers live here
+    connections: float
+    channels: float
+    consumers: float
+    open_fds: float
 
     @classmethod
     def parse(cls, text: str) -> Memory:
@@ -70,7 +74,19 @@ class Memory:
             rss=samples["rabbitmq_process_resident_memory_bytes"],
             queue_processes=samples["rabbitmq_queue_process_memory_bytes"],
             ets=samples['erlang_vm_memory_system_bytes_total{usage="ets"}'],
+            binary=samples['erlang_vm_memory_system_bytes_total{usage="binary"}'],
+            connections=samples["rabbitmq_connections"],
+            channels=samples["rabbitmq_channels"],
+            consumers=samples["rabbitmq_consumers"],
+            open_fds=samples["rabbitmq_process_open_fds"],
         )
+
+
+def prometheus_url(env: Mapping[str, str]) -> str:
+    """The broker's Prometheus endpoint: ``SYNC_PROMETHEUS_URL``, else the services' port
+    (``SYNC_PROM_PORT``, 15693 unless moved)."""
+    port = env.get("SYNC_PROM_PORT", os.environ.get("SYNC_PROM_PORT", "15693"))
+    return env.get("SYNC_PROMETHEUS_URL", f"http://127.0.0.1:{port}/metrics")
 
 
 async def _garbage_collect() -> None:
@@ -88,7 +104,8 @@ async def _garbage_collect() -> None:
         progress(f"broker garbage collection failed (ignored): {stderr.decode().strip()}")
 
 
-async def _memory(client: httpx.AsyncClient, url: str, *, settle: float = SETTLE) -> Memory:
+async def broker_memory(client: httpx.AsyncClient, url: str, *, settle: float = SETTLE) -> Memory:
+    """The broker's memory after ``settle`` seconds and a garbage collection."""
     await asyncio.sleep(settle)
     await _garbage_collect()
     response = await client.get(url)
@@ -124,8 +141,7 @@ async def _each(
 
 
 async def _insert_devices(conn: asyncpg.Connection, device_ids: list[str]) -> None:
-    if await conn.fetchval("SELECT to_regclass('sync.device')") is None:
-        await conn.execute(SYNC_SCHEMA_SQL)
+    await ensure_sync_schema(conn)
     await save_devices(conn, device_ids, USER_ID)
 
 
@@ -139,9 +155,9 @@ class _Measured:
 
 
 async def _measure(env: dict[str, str], device_ids: list[str]) -> _Measured:
-    url = env.get("SYNC_PROMETHEUS_URL", PROMETHEUS_URL)
+    url = prometheus_url(env)
     async with httpx.AsyncClient(timeout=30) as client:
-        before = await _memory(client, url, settle=0)
+        before = await broker_memory(client, url, settle=0)
         conn = await asyncpg.connect(env["SYNC_DATABASE_URL"])
         connection = await connect(env["SYNC_AMQP_URL"], "bench-fleet")
         delete_s = float("nan")
@@ -150,7 +166,7 @@ async def _measure(env: dict[str, str], device_ids: list[str]) -> _Measured:
             progress(f"declaring {len(device_ids):,} device queues over {CHANNELS} channels")
             declare_s = await _each(connection, device_ids, declare_device_queue)
             progress(f"declared in {declare_s:.1f} s; letting them go idle")
-            after = await _memory(client, url)
+            after = await broker_memory(client, url)
         finally:
             progress("cleaning up: deleting the queues and the sync.device rows")
             try:
@@ -159,7 +175,7 @@ async def _measure(env: dict[str, str], device_ids: list[str]) -> _Measured:
                 await delete_devices(conn, device_ids)
                 await connection.close()
                 await conn.close()
-        cleaned = await _memory(client, url)
+        cleaned = await broker_memory(client, url)
     return _Measured(before, after, cleaned, declare_s, delete_s)
 
 

@@ -40,7 +40,7 @@ from syncctl.devices import register_device, unregister_device
 from worker import load_model
 from worker.devices import delete_devices, save_devices
 from worker.model import EXAMPLE_MODEL
-from worker.schema import init_database
+from worker.schema import SYNC_SCHEMA_SQL, init_database
 from worker.settings import ServerSettings
 
 __all__ = [
@@ -51,6 +51,7 @@ __all__ = [
     "Rig",
     "accounts",
     "declare_jobs_topology",
+    "ensure_sync_schema",
     "in_process_agents",
     "profiled",
     "rig",
@@ -407,6 +408,12 @@ async def _each_device(
             await channel.close()
 
 
+async def ensure_sync_schema(conn: asyncpg.Connection) -> None:
+    """The ``sync`` schema, on fresh services that have none yet."""
+    if await conn.fetchval("SELECT to_regclass('sync.device')") is None:
+        await conn.execute(SYNC_SCHEMA_SQL)
+
+
 @asynccontextmanager
 async def registered_devices(
     env: dict[str, str], user_id: int, device_ids: Sequence[str]
@@ -415,6 +422,7 @@ async def registered_devices(
     conn = await asyncpg.connect(env["SYNC_DATABASE_URL"])
     connection = await connect(env["SYNC_AMQP_URL"], "bench-devices")
     try:
+        await ensure_sync_schema(conn)
         await save_devices(conn, device_ids, user_id)
         await _each_device(connection, device_ids, declare=True)
         yield

@@ -17,6 +17,7 @@ from aio_pika import RobustConnection
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from yarl import URL
 
+from broker.accounts import DEVICE_LIMITS
 from broker.errors import AccessRefused, BrokerUnavailable, ConfigurationError
 
 __all__ = [
@@ -144,6 +145,17 @@ async def connect(url: str, name: str) -> AbstractRobustConnection:
                 f"RabbitMQ at {where(urls[first])} refused the login of {user!r}: check the "
                 "user and its password (a device logs in as device.<id> with the secret "
                 "`syncctl device add` printed)"
+            ) from None
+        except aiormq.exceptions.InvalidFrameError:
+            await connection.close()
+            # The login passed and the broker answered the connection's open with a close:
+            # aiormq keeps only the frame's name, not the broker's reason.
+            user = unquote(urlsplit(urls[first]).username or "guest")
+            raise AccessRefused(
+                f"RabbitMQ at {where(urls[first])} refused to open a connection for {user!r}: "
+                "its connection limit is reached (a device account holds at most "
+                f"{DEVICE_LIMITS['max-connections']}; a dead one is closed after two missed "
+                "heartbeats) or it may not use the virtual host"
             ) from None
         except (aiormq.exceptions.AMQPError, OSError, TimeoutError) as error:
             await connection.close()

@@ -150,6 +150,27 @@ management_agent.disable_metrics_collector = true
 management.disable_stats = true
 prometheus.return_per_object_metrics = false
 
+# A fleet: every connected device holds a connection. With the kernel's socket buffers
+# (they grow to tcp_wmem/tcp_rmem's maximum, 4 MiB here) a connection cost the broker
+# about 4 MB; with 32 KiB about 0.2 MB (docs/operations.md, "Broker tuning for fleets").
+# SYNC_RABBIT_TCP_BUFFER sets the size in bytes; set but empty, the kernel's are kept.
+$(size="${SYNC_RABBIT_TCP_BUFFER-32768}"; [[ -z "$size" ]] \
+    || printf 'tcp_listen_options.%s = %s\n' sndbuf "$size" recbuf "$size" buffer "$size")
+# Setting any tcp_listen_options replaces RabbitMQ's defaults: these restate them, with
+# room in the accept queue for a fleet reconnecting at once (the kernel caps it at somaxconn).
+tcp_listen_options.backlog = 4096
+tcp_listen_options.nodelay = true
+tcp_listen_options.linger.on = true
+tcp_listen_options.linger.timeout = 0
+tcp_listen_options.exit_on_close = false
+# Proposed to clients; aio-pika answers with its own (the URL's ?heartbeat=, 60 unless
+# given), which the broker takes. A dead device's connection is closed after two missed
+# heartbeats and stops counting against its account's max-connections.
+heartbeat = 60
+# Per connection; a device account is held to fewer by its user limits (set when the
+# device is registered: broker/accounts.py DEVICE_LIMITS).
+channel_max = 128
+
 # Created on first boot only (fresh mnesia); ensure_rabbit_user covers the rest.
 default_vhost = /
 default_user = $APP_USER

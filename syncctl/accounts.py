@@ -7,7 +7,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 import httpx
 
-from broker.accounts import device_account, device_permissions
+from broker.accounts import DEVICE_LIMITS, device_account, device_permissions
 from broker.connection import amqp_urls
 from broker.errors import ProgramError
 
@@ -35,7 +35,8 @@ class BrokerAccounts:
         self._base = management_url.rstrip("/")
 
     async def create_device_account(self, device_id: str) -> str:
-        """Create (or reset) the device's AMQP user and permissions; returns its secret.
+        """Create (or reset) the device's AMQP user, its permissions and its connection and
+        channel limits (``DEVICE_LIMITS``); returns its secret.
 
         Resetting deletes the user first: the broker closes a deleted user's connections,
         while a new password alone leaves connections made with the old secret open.
@@ -49,6 +50,9 @@ class BrokerAccounts:
             await self._call(
                 client, "PUT", f"/api/permissions/{vhost}/{user}", device_permissions(device_id)
             )
+            for limit, value in DEVICE_LIMITS.items():
+                path = f"/api/user-limits/{user}/{limit}"
+                await self._call(client, "PUT", path, {"value": value})
         return secret
 
     async def check(self) -> None:
@@ -84,7 +88,7 @@ class BrokerAccounts:
         client: httpx.AsyncClient,
         method: str,
         path: str,
-        body: dict[str, str] | None = None,
+        body: dict[str, str] | dict[str, int] | None = None,
         *,
         missing_ok: bool = False,
     ) -> httpx.Response:

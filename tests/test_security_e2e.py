@@ -5,20 +5,29 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 
 import aio_pika
 import asyncpg
 import pytest
 from aio_pika.abc import AbstractChannel
-from aiormq.exceptions import ChannelAccessRefused, ChannelPreconditionFailed
+from aiormq.exceptions import ChannelAccessRefused, ChannelPreconditionFailed, ConnectionNotAllowed
 
 from broker import ObjectRef, Session, SyncClient, SyncJob
-from broker.accounts import device_account
+from broker.accounts import DEVICE_LIMITS, device_account
+from broker.connection import connect
+from broker.errors import AccessRefused
 from broker.topology import CHANGES_EXCHANGE, JOBS_EXCHANGE, device_queue_name
 from syncctl.devices import register_device
-from tests.conftest import Device, MakeDevice, dead_letters, insert, sync_settled, wait_for
+from tests.conftest import (
+    Device,
+    MakeDevice,
+    dead_letters,
+    insert,
+    sync_settled,
+    wait_for,
+)
 from worker.schema import create_worker_role
 
 pytestmark = pytest.mark.usefixtures("worker")
@@ -242,3 +251,42 @@ async def test_a_privileged_role_is_never_made_the_worker_role(pg, model, role: 
     with pytest.raises(ValueError, match="must be a role of its own"):
         await create_worker_role(pg, model, role, "secret")
     assert await pg.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = $1", role)
+
+
+@asynccontextmanager
+async def _held(connections: Sequence[aio_pika.abc.AbstractConnection]) -> AsyncIterator[None]:
+    try:
+        yield
+    finally:
+        for connection in connections:
+            await connection.close()
+
+
+async def test_a_device_account_cannot_open_connections_past_its_limit(
+    client: SyncClient, make_device: MakeDevice, pg
+):
+    device = await make_device(7, ["Admin"])  # its agent holds one connection
+    limit = DEVICE_LIMITS["max-connections"]
+    more = [await aio_pika.connect(device.amqp_url) for _ in range(limit - 1)]
+    async with _held(more):
+        with pytest.raises(AccessRefused, match="connection limit"):
+            await connect(device.amqp_url, "one-too-many")
+        # Refusing the extra connection leaves the agent's alone: it still applies batches.
+        task = await insert(pg, "t_task", title="t", status="Open")
+        await sync_settled(client, device, [ObjectRef("Task", task)])
+    assert await device.store.get_committed("Task", task) is not None
+
+
+async def test_a_device_account_cannot_open_channels_past_its_limit(
+    client: SyncClient, make_device: MakeDevice, pg
+):
+    device = await make_device(7, ["Admin"])  # its agent holds one channel
+    connection = await aio_pika.connect(device.amqp_url)
+    async with _held([connection]):
+        for _ in range(DEVICE_LIMITS["max-channels"] - 1):
+            await connection.channel()
+        with pytest.raises(ConnectionNotAllowed, match="channels"):
+            await connection.channel()
+        task = await insert(pg, "t_task", title="t", status="Open")
+        await sync_settled(client, device, [ObjectRef("Task", task)])
+    assert await device.store.get_committed("Task", task) is not None
