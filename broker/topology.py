@@ -7,7 +7,7 @@ declarations after a reconnect. Handlers never declare.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import aiormq
 from aio_pika.abc import (
@@ -35,6 +35,7 @@ __all__ = [
     "JOBS_EXCHANGE",
     "JOBS_QUEUE",
     "JOB_DELIVERY_LIMIT",
+    "DeviceQueueType",
     "ExchangeSpec",
     "QueueLimits",
     "QueueSpec",
@@ -128,20 +129,44 @@ class QueueLimits:
 DEFAULT_QUEUE_LIMITS = QueueLimits()
 
 
-def device_queue(device_id: str, limits: QueueLimits = DEFAULT_QUEUE_LIMITS) -> QueueSpec:
-    """A device's queue: durable classic v2, cheap while idle, holds batches while offline.
+DeviceQueueType = Literal["classic", "quorum"]
 
-    When full it refuses new batches (the worker sees a nack) and dead-letters them;
-    batches older than the TTL are dead-lettered too. Either way the worker learns from
+# Classic v2: one copy on the node that declared it (a policy may spread them), cheap
+# while idle; a full one refuses the new batch and dead-letters it. Quorum: a replica on
+# every node of the cluster, the leader on the node with the fewest leaders; a full one
+# refuses the new batch without dead-lettering it (RabbitMQ 3.10 takes
+# reject-publish-dlx for a quorum queue but drops the oldest batch then), and holds one
+# batch past its length before it refuses. docs/cluster.md has both, measured.
+_DEVICE_QUEUE_TYPES: dict[DeviceQueueType, dict[str, Any]] = {
+    "classic": {
+        "x-queue-type": "classic",
+        "x-queue-version": 2,
+        "x-overflow": "reject-publish-dlx",
+    },
+    "quorum": {
+        "x-queue-type": "quorum",
+        "x-queue-leader-locator": "balanced",
+        "x-overflow": "reject-publish",
+    },
+}
+
+
+def device_queue(
+    device_id: str,
+    limits: QueueLimits = DEFAULT_QUEUE_LIMITS,
+    queue_type: DeviceQueueType = "classic",
+) -> QueueSpec:
+    """A device's queue: durable, holds batches while the device is offline.
+
+    When full it refuses new batches (the worker sees a nack and marks the device for a
+    resync); batches older than the TTL are dead-lettered, and the worker learns from
     ``sync.changes.dead`` that the device must resync.
     """
     return QueueSpec(
         device_queue_name(device_id),
         arguments={
-            "x-queue-type": "classic",
-            "x-queue-version": 2,
+            **_DEVICE_QUEUE_TYPES[queue_type],
             "x-max-length": limits.max_length,
-            "x-overflow": "reject-publish-dlx",
             "x-message-ttl": int(limits.ttl_seconds * 1000),
             "x-dead-letter-exchange": DEAD_CHANGES_EXCHANGE.name,
         },
@@ -176,11 +201,14 @@ async def declare_topology(channel: AbstractChannel) -> None:
 
 
 async def declare_device_queue(
-    channel: AbstractChannel, device_id: str, limits: QueueLimits = DEFAULT_QUEUE_LIMITS
+    channel: AbstractChannel,
+    device_id: str,
+    limits: QueueLimits = DEFAULT_QUEUE_LIMITS,
+    queue_type: DeviceQueueType = "classic",
 ) -> AbstractQueue:
     for exchange in (CHANGES_EXCHANGE, DEAD_CHANGES_EXCHANGE):
         await declare_exchange(channel, exchange)
-    return await declare_queue(channel, device_queue(device_id, limits))
+    return await declare_queue(channel, device_queue(device_id, limits, queue_type))
 
 
 async def delete_device_queue(channel: AbstractChannel, device_id: str) -> None:

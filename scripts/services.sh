@@ -4,12 +4,23 @@
 #
 #   scripts/services.sh start    # install if needed (root + apt), start, wait, print env
 #   scripts/services.sh stop     # stop both (fine if not running)
-#   scripts/services.sh status   # exit 0 only if both are up
+#   scripts/services.sh status   # exit 0 only if both are up (every node, clustered)
 #   scripts/services.sh env      # eval "$(scripts/services.sh env)"
-#   scripts/services.sh rabbitmqctl ARGS...   # rabbitmqctl against our node (tests, ops)
+#   scripts/services.sh rabbitmqctl ARGS...   # rabbitmqctl against node 1 (tests, ops);
+#                                             # SYNC_RABBIT_NODE=K: against node K
+#   scripts/services.sh stop-node K | start-node K   # one node of a cluster (faults)
 #
 # Ports can be overridden: SYNC_AMQP_PORT, SYNC_DIST_PORT, SYNC_EPMD_PORT,
-# SYNC_MGMT_PORT, SYNC_PROM_PORT, SYNC_PG_PORT (and SYNC_RABBIT_NODENAME).
+# SYNC_MGMT_PORT, SYNC_PROM_PORT, SYNC_PG_PORT (and SYNC_RABBIT_NODENAME);
+# SYNC_SERVICES_DIR moves the state out of <repo>/.services.
+#
+# SYNC_RABBIT_NODES=N (default 1) runs a RabbitMQ cluster of N nodes on this machine:
+# node K is named after SYNC_RABBIT_NODENAME with K appended from the second on
+# (sync@localhost, sync2@localhost, ...), listens on each base port + K-1 and keeps its
+# state in .services/rabbitmq-cluster/nodeK; all share one epmd. Give the same N to
+# every command. `env` then also prints SYNC_AMQP_URLS and SYNC_MANAGEMENT_URLS (every
+# node's, comma-separated); SYNC_AMQP_URL and SYNC_MANAGEMENT_URL stay node 1's, since
+# clients take one URL. See docs/cluster.md.
 # Users with Docker can use `docker compose up` instead.
 set -euo pipefail
 
@@ -17,7 +28,7 @@ set -euo pipefail
 
 # Resolve the repo root from this file, not the cwd, so it works from anywhere.
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
-SVC_DIR="$ROOT/.services"
+SVC_DIR="${SYNC_SERVICES_DIR:-$ROOT/.services}"
 
 AMQP_PORT="${SYNC_AMQP_PORT:-5673}"
 DIST_PORT="${SYNC_DIST_PORT:-25673}"
@@ -26,18 +37,19 @@ MGMT_PORT="${SYNC_MGMT_PORT:-15673}"
 PROM_PORT="${SYNC_PROM_PORT:-15693}"
 PG_PORT="${SYNC_PG_PORT:-5433}"
 NODENAME="${SYNC_RABBIT_NODENAME:-sync@localhost}"
+NODES="${SYNC_RABBIT_NODES:-1}"
 
 APP_USER=sync
 APP_PASS=sync
 APP_DB=sync
-AMQP_URL="amqp://$APP_USER:$APP_PASS@127.0.0.1:$AMQP_PORT/"
 DATABASE_URL="postgresql://$APP_USER:$APP_PASS@127.0.0.1:$PG_PORT/$APP_DB"
 
-RMQ_DIR="$SVC_DIR/rabbitmq"
 # The /usr/sbin wrappers switch to the rabbitmq user; these run as the caller.
 RMQ_BIN=/usr/lib/rabbitmq/bin
 RMQ_START_TIMEOUT=60
 EPMD="$(command -v epmd || echo /usr/lib/erlang/bin/epmd)"
+NODE_ENV=()   # set by node_env
+NODE_PID=()   # by node, set by rabbit_start
 
 PG_DIR="$SVC_DIR/postgres"
 PG_DATA="$PG_DIR/data"
@@ -89,61 +101,103 @@ install_packages() {
 
 # --- RabbitMQ ----------------------------------------------------------------
 
-# Every rabbitmq-* call gets the same env, so CLI tools find our node (same
-# epmd port, same cookie in HOME) and never touch a system-wide instance.
-RMQ_ENV=(
-    HOME="$RMQ_DIR/home"
-    RABBITMQ_NODENAME="$NODENAME"
-    RABBITMQ_NODE_IP_ADDRESS=127.0.0.1
-    RABBITMQ_NODE_PORT="$AMQP_PORT"
-    RABBITMQ_DIST_PORT="$DIST_PORT"
-    ERL_EPMD_PORT="$EPMD_PORT"
-    ERL_EPMD_ADDRESS=127.0.0.1
-    RABBITMQ_MNESIA_BASE="$RMQ_DIR/mnesia"
-    RABBITMQ_LOG_BASE="$RMQ_DIR/log"
-    RABBITMQ_CONFIG_FILE="$RMQ_DIR/rabbitmq.conf"
-    RABBITMQ_ENABLED_PLUGINS_FILE="$RMQ_DIR/enabled_plugins"
-    RABBITMQ_CONF_ENV_FILE="$RMQ_DIR/rabbitmq-env.conf"
-    RABBITMQ_PID_FILE="$RMQ_DIR/rabbitmq.pid"
-    ERL_CRASH_DUMP="$RMQ_DIR/log/erl_crash.dump"   # not in the caller's cwd
-    # Erlang distribution (node <-> CLI) on loopback only, too.
-    RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"
-    RABBITMQ_CTL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"
-)
-
-rmq() {
-    local tool="$1"; shift
-    env "${RMQ_ENV[@]}" "$RMQ_BIN/$tool" "$@"
+# Node K (1..NODES): its name, ports and directory. One node keeps the layout it always
+# had; a cluster lives apart, so neither finds the other's data (a node that was in a
+# cluster waits for its peers at boot).
+node_name() {
+    if (($1 == 1)); then echo "$NODENAME"; else echo "${NODENAME%@*}$1@${NODENAME#*@}"; fi
+}
+node_dir() {
+    if ((NODES == 1)); then echo "$SVC_DIR/rabbitmq"; else echo "$SVC_DIR/rabbitmq-cluster/node$1"; fi
+}
+amqp_url() { echo "amqp://$APP_USER:$APP_PASS@127.0.0.1:$((AMQP_PORT + $1 - 1))/"; }
+mgmt_url() { echo "http://127.0.0.1:$((MGMT_PORT + $1 - 1))"; }
+all_urls() {   # all_urls amqp_url|mgmt_url: every node's, comma-separated
+    local k urls=()
+    for ((k = 1; k <= NODES; k++)); do urls+=("$("$1" "$k")"); done
+    (IFS=,; echo "${urls[*]}")
 }
 
-# Is our node registered with our epmd? Quick, and unlike rabbitmqctl it does
-# not spawn a stray epmd when nothing is running.
+# Every rabbitmq-* call for node K gets the same env, so CLI tools find that node (same
+# epmd port, same cookie in HOME) and never touch a system-wide instance.
+node_env() {
+    local k="$1" dir
+    dir="$(node_dir "$k")"
+    NODE_ENV=(
+        HOME="$dir/home"
+        RABBITMQ_NODENAME="$(node_name "$k")"
+        RABBITMQ_NODE_IP_ADDRESS=127.0.0.1
+        RABBITMQ_NODE_PORT="$((AMQP_PORT + k - 1))"
+        RABBITMQ_DIST_PORT="$((DIST_PORT + k - 1))"
+        ERL_EPMD_PORT="$EPMD_PORT"
+        ERL_EPMD_ADDRESS=127.0.0.1
+        RABBITMQ_MNESIA_BASE="$dir/mnesia"
+        RABBITMQ_LOG_BASE="$dir/log"
+        RABBITMQ_CONFIG_FILE="$dir/rabbitmq.conf"
+        RABBITMQ_ENABLED_PLUGINS_FILE="$dir/enabled_plugins"
+        RABBITMQ_CONF_ENV_FILE="$dir/rabbitmq-env.conf"
+        RABBITMQ_PID_FILE="$dir/rabbitmq.pid"
+        ERL_CRASH_DUMP="$dir/log/erl_crash.dump"   # not in the caller's cwd
+        # Erlang distribution (node <-> node, node <-> CLI) on loopback only, too.
+        RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"
+        RABBITMQ_CTL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"
+    )
+}
+
+rmq() {   # rmq K TOOL ARGS...: a RabbitMQ CLI tool against node K
+    local k="$1" tool="$2"
+    shift 2
+    node_env "$k"
+    env "${NODE_ENV[@]}" "$RMQ_BIN/$tool" "$@"
+}
+
+# Is node K registered with our epmd? Quick, and unlike rabbitmqctl it does not spawn a
+# stray epmd when nothing is running.
 rabbit_registered() {
-    local names
+    local names name
+    name="$(node_name "$1")"
     names="$("$EPMD" -port "$EPMD_PORT" -names 2>/dev/null)" || return 1
-    [[ "$names" == *"name ${NODENAME%@*} at port"* ]]
+    [[ "$names" == *"name ${name%@*} at port"* ]]
+}
+
+# The process in node K's pid file is alive: the node of that name is ours, not one of
+# another SYNC_RABBIT_NODES or SYNC_SERVICES_DIR.
+rabbit_ours() {
+    local pid
+    pid="$(cat "$(node_dir "$1")/rabbitmq.pid" 2>/dev/null)" || return 1
+    [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null
 }
 
 rabbit_running() {
-    rabbit_registered && rmq rabbitmqctl -q -t 5 await_startup >/dev/null 2>&1
+    rabbit_registered "$1" && rabbit_ours "$1" && rmq "$1" rabbitmqctl -q -t 5 await_startup >/dev/null 2>&1
 }
 
 rabbit_write_config() {
-    mkdir -p "$RMQ_DIR/home" "$RMQ_DIR/mnesia" "$RMQ_DIR/log"
-    # The Erlang cookie must exist, be private, and be stable across restarts.
-    local cookie="$RMQ_DIR/home/.erlang.cookie"
-    if [[ ! -s "$cookie" ]]; then
+    local k="$1" dir cookie first
+    dir="$(node_dir "$k")"
+    mkdir -p "$dir/home" "$dir/mnesia" "$dir/log"
+    # The Erlang cookie must exist, be private, and be stable across restarts; the nodes
+    # of a cluster (and the CLI tools) share node 1's.
+    cookie="$dir/home/.erlang.cookie"
+    first="$(node_dir 1)/home/.erlang.cookie"
+    if ((k > 1)); then
+        [[ -s "$first" ]] || die "node 1 was never started here: run '$0 start' first"
+        cp "$first" "$cookie"
+    elif [[ ! -s "$cookie" ]]; then
         (umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$cookie")
     fi
     chmod 600 "$cookie"
-    : >"$RMQ_DIR/rabbitmq-env.conf"   # keep /etc/rabbitmq/rabbitmq-env.conf out of it
-    cat >"$RMQ_DIR/rabbitmq.conf" <<EOF
+    : >"$dir/rabbitmq-env.conf"   # keep /etc/rabbitmq/rabbitmq-env.conf out of it
+    # What `rabbitmq-plugins enable --offline` writes, without booting a VM for it.
+    echo "[rabbitmq_consistent_hash_exchange,rabbitmq_management,rabbitmq_prometheus]." \
+        >"$dir/enabled_plugins"
+    cat >"$dir/rabbitmq.conf" <<CONF
 # Generated by scripts/services.sh; rewritten on every start.
-listeners.tcp.default = 127.0.0.1:$AMQP_PORT
+listeners.tcp.default = 127.0.0.1:$((AMQP_PORT + k - 1))
 management.tcp.ip = 127.0.0.1
-management.tcp.port = $MGMT_PORT
+management.tcp.port = $((MGMT_PORT + k - 1))
 prometheus.tcp.ip = 127.0.0.1
-prometheus.tcp.port = $PROM_PORT
+prometheus.tcp.port = $((PROM_PORT + k - 1))
 
 # Thousands of per-device queues: no per-object stats in management or prometheus.
 management_agent.disable_metrics_collector = true
@@ -182,60 +236,112 @@ default_permissions.write = .*
 
 log.file.level = info
 log.console = false
-EOF
+CONF
+    if ((NODES > 1)); then
+        # A blank node joins the first listed node it reaches; a clustered one ignores this.
+        echo "cluster_formation.peer_discovery_backend = classic_config" >>"$dir/rabbitmq.conf"
+        local i
+        for ((i = 1; i <= NODES; i++)); do
+            echo "cluster_formation.classic_config.nodes.$i = $(node_name "$i")" >>"$dir/rabbitmq.conf"
+        done
+    fi
 }
 
-rabbit_start() {
-    if rabbit_running; then
-        log "rabbitmq already running ($NODENAME)"
-    else
-        rabbit_write_config
-        rmq rabbitmq-plugins -q enable --offline \
-            rabbitmq_management rabbitmq_prometheus rabbitmq_consistent_hash_exchange >/dev/null
-        rm -f "$RMQ_DIR/rabbitmq.pid"   # stale after a crash/kill; the node writes a fresh one
-        log "starting rabbitmq ($NODENAME, amqp 127.0.0.1:$AMQP_PORT) ..."
-        # setsid+nohup: the node must outlive this script and its terminal.
-        nohup setsid env "${RMQ_ENV[@]}" "$RMQ_BIN/rabbitmq-server" \
-            >>"$RMQ_DIR/log/startup.log" 2>&1 </dev/null &
-        rabbit_wait_ready $!
-    fi
-    ensure_rabbit_user
+# Start node K in the background; its pid goes to NODE_PID[K].
+rabbit_launch() {
+    local k="$1" dir
+    dir="$(node_dir "$k")"
+    rabbit_write_config "$k"
+    rm -f "$dir/rabbitmq.pid"   # stale after a crash/kill; the node writes a fresh one
+    log "starting rabbitmq ($(node_name "$k"), amqp 127.0.0.1:$((AMQP_PORT + k - 1))) ..."
+    node_env "$k"
+    # setsid+nohup: the node must outlive this script and its terminal.
+    nohup setsid env "${NODE_ENV[@]}" "$RMQ_BIN/rabbitmq-server" \
+        >>"$dir/log/startup.log" 2>&1 </dev/null &
+    NODE_PID[k]=$!
 }
 
 # await_startup fails at once while the node is not yet registered with epmd,
 # so retry it until it succeeds, the server process dies, or time runs out.
 rabbit_wait_ready() {
-    local pid="$1" deadline=$((SECONDS + RMQ_START_TIMEOUT))
-    until rmq rabbitmqctl -q -t 10 await_startup >/dev/null 2>&1; do
+    local k="$1" pid="${NODE_PID[$1]}" dir deadline=$((SECONDS + RMQ_START_TIMEOUT))
+    dir="$(node_dir "$k")"
+    until rmq "$k" rabbitmqctl -q -t 10 await_startup >/dev/null 2>&1; do
         if ! kill -0 "$pid" 2>/dev/null; then
-            tail -n 30 "$RMQ_DIR/log/startup.log" >&2 || true
-            die "rabbitmq-server exited during startup; see $RMQ_DIR/log/"
+            tail -n 30 "$dir/log/startup.log" >&2 || true
+            die "rabbitmq-server $(node_name "$k") exited during startup; see $dir/log/"
         fi
-        ((SECONDS < deadline)) || die "rabbitmq not ready after ${RMQ_START_TIMEOUT}s; see $RMQ_DIR/log/"
+        ((SECONDS < deadline)) || die "rabbitmq $(node_name "$k") not ready after ${RMQ_START_TIMEOUT}s; see $dir/log/"
         sleep 1
     done
 }
 
-# default_user only applies to a fresh node; repair an older data dir here.
-ensure_rabbit_user() {
-    rmq rabbitmqctl -q authenticate_user "$APP_USER" "$APP_PASS" >/dev/null 2>&1 && return 0
-    log "creating rabbitmq user $APP_USER"
-    rmq rabbitmqctl -q add_user "$APP_USER" "$APP_PASS" >/dev/null 2>&1 \
-        || rmq rabbitmqctl -q change_password "$APP_USER" "$APP_PASS" >/dev/null
-    rmq rabbitmqctl -q set_user_tags "$APP_USER" administrator >/dev/null
-    rmq rabbitmqctl -q set_permissions -p / "$APP_USER" '.*' '.*' '.*' >/dev/null
+# Nodes 1..NODES (or the ones given) up: the running ones are waited for, the others
+# started. A new cluster forms around node 1, which boots alone first; the nodes of a
+# known cluster boot together, as each waits for the peers it last saw running.
+rabbit_start() {
+    local k launch=() wait=()
+    for k in "$@"; do
+        if rabbit_registered "$k"; then
+            rabbit_ours "$k" || die "another RabbitMQ node named $(node_name "$k") runs on epmd port $EPMD_PORT (another SYNC_RABBIT_NODES or SYNC_SERVICES_DIR?): stop it first"
+            log "rabbitmq already running ($(node_name "$k"))"
+            NODE_PID[k]="$(cat "$(node_dir "$k")/rabbitmq.pid")"
+        else
+            launch+=("$k")
+        fi
+        wait+=("$k")
+    done
+    if ((NODES > 1)) && [[ "${launch[0]:-}" == 1 && ! -d "$(node_dir 1)/mnesia/$NODENAME" ]]; then
+        rabbit_launch 1
+        rabbit_wait_ready 1
+        launch=("${launch[@]:1}")
+    fi
+    for k in "${launch[@]}"; do rabbit_launch "$k"; done
+    for k in "${wait[@]}"; do rabbit_wait_ready "$k"; done
 }
 
-rabbit_stop() {
-    if rabbit_registered; then   # also stops a node that is still booting or hung
-        log "stopping rabbitmq ($NODENAME) ..."
-        rmq rabbitmqctl -q shutdown >/dev/null 2>&1 || rmq rabbitmqctl -q stop >/dev/null 2>&1 || true
+# The nodes node K sees running in its cluster: "name1","name2",...
+rabbit_cluster_members() {
+    local status
+    status="$(rmq "$1" rabbitmqctl -q cluster_status --formatter json 2>/dev/null)" || return 1
+    status="${status#*\"running_nodes\":[}"
+    echo "${status%%]*}"
+}
+
+# default_user only applies to a fresh node; repair an older data dir here (users are
+# cluster-wide: once, on node 1).
+ensure_rabbit_user() {
+    rmq 1 rabbitmqctl -q authenticate_user "$APP_USER" "$APP_PASS" >/dev/null 2>&1 && return 0
+    log "creating rabbitmq user $APP_USER"
+    rmq 1 rabbitmqctl -q add_user "$APP_USER" "$APP_PASS" >/dev/null 2>&1 \
+        || rmq 1 rabbitmqctl -q change_password "$APP_USER" "$APP_PASS" >/dev/null
+    rmq 1 rabbitmqctl -q set_user_tags "$APP_USER" administrator >/dev/null
+    rmq 1 rabbitmqctl -q set_permissions -p / "$APP_USER" '.*' '.*' '.*' >/dev/null
+}
+
+rabbit_stop() {   # rabbit_stop K
+    local k="$1"
+    if rabbit_registered "$k"; then   # also stops a node that is still booting or hung
+        log "stopping rabbitmq ($(node_name "$k")) ..."
+        rmq "$k" rabbitmqctl -q shutdown >/dev/null 2>&1 || rmq "$k" rabbitmqctl -q stop >/dev/null 2>&1 || true
     else
-        log "rabbitmq not running"
+        log "rabbitmq not running ($(node_name "$k"))"
     fi
-    rm -f "$RMQ_DIR/rabbitmq.pid"
-    # Our private epmd (started by the node/CLI) would otherwise linger forever.
-    "$EPMD" -port "$EPMD_PORT" -kill >/dev/null 2>&1 || true
+    rm -f "$(node_dir "$k")/rabbitmq.pid"
+}
+
+rabbit_stop_all() {
+    local k pids=()
+    for ((k = 1; k <= NODES; k++)); do
+        rabbit_stop "$k" &
+        pids+=($!)
+    done
+    wait "${pids[@]}"
+    # Our private epmd (started by the nodes/CLI) would otherwise linger forever; it
+    # stays while some node still uses it.
+    if ! "$EPMD" -port "$EPMD_PORT" -names 2>/dev/null | grep -q '^name '; then
+        "$EPMD" -port "$EPMD_PORT" -kill >/dev/null 2>&1 || true
+    fi
 }
 
 # --- PostgreSQL --------------------------------------------------------------
@@ -354,40 +460,88 @@ pg_stop() {
 # --- commands ----------------------------------------------------------------
 
 print_env() {
-    echo "export SYNC_AMQP_URL=$AMQP_URL"
+    echo "export SYNC_AMQP_URL=$(amqp_url 1)"
     echo "export SYNC_DATABASE_URL=$DATABASE_URL"
     # syncctl sends the operator's credentials here: it must be this node's, moved ports too.
-    echo "export SYNC_MANAGEMENT_URL=http://127.0.0.1:$MGMT_PORT"
+    echo "export SYNC_MANAGEMENT_URL=$(mgmt_url 1)"
+    if ((NODES > 1)); then
+        echo "export SYNC_AMQP_URLS=$(all_urls amqp_url)"
+        echo "export SYNC_MANAGEMENT_URLS=$(all_urls mgmt_url)"
+    fi
 }
 
 cmd_start() {
-    local t0=$SECONDS
+    local t0=$SECONDS k
     install_packages
     PG_BIN="$(pg_bin_dir)"
     mkdir -p "$SVC_DIR"
     pg_start
-    rabbit_start
+    rabbit_start $(seq 1 "$NODES")
+    ensure_rabbit_user
+    if ((NODES > 1)); then
+        rabbit_check_cluster
+        # Classic device queues would all live on the node registration talks to;
+        # spread them (quorum ones spread by their own x-queue-leader-locator).
+        rmq 1 rabbitmqctl -q set_policy --apply-to queues device-queues '^device\.' \
+            '{"queue-master-locator":"min-masters"}' >/dev/null
+    fi
     log "ready in $((SECONDS - t0))s:"
-    log "  amqp:       $AMQP_URL"
-    log "  management: http://127.0.0.1:$MGMT_PORT/ ($APP_USER/$APP_PASS)"
-    log "  prometheus: http://127.0.0.1:$PROM_PORT/metrics"
+    for ((k = 1; k <= NODES; k++)); do
+        log "  amqp:       $(amqp_url "$k")"
+        log "  management: $(mgmt_url "$k")/ ($APP_USER/$APP_PASS)"
+        log "  prometheus: http://127.0.0.1:$((PROM_PORT + k - 1))/metrics"
+    done
     log "  postgresql: $DATABASE_URL"
     print_env
+}
+
+# Every node is running, in node 1's cluster.
+rabbit_check_cluster() {
+    local members k
+    members="$(rabbit_cluster_members 1)" || die "rabbitmq: cluster_status on $(node_name 1) failed"
+    for ((k = 2; k <= NODES; k++)); do
+        [[ "$members" == *"\"$(node_name "$k")\""* ]] \
+            || die "rabbitmq: $(node_name "$k") is not in $(node_name 1)'s cluster (running: $members); see $(node_dir "$k")/log/"
+    done
 }
 
 cmd_stop() {
     packages_present || { log "services not installed; nothing to stop"; return 0; }
     PG_BIN="$(pg_bin_dir)"
-    rabbit_stop
+    rabbit_stop_all
     pg_stop
+}
+
+# One line per node: running (in the cluster, when there is one) or not.
+rabbit_status() {
+    if ((NODES == 1)); then
+        if rabbit_running 1; then echo "rabbitmq:   running  $(amqp_url 1)"; return 0; fi
+        echo "rabbitmq:   stopped"
+        return 1
+    fi
+    local k ok=0 members=""
+    for ((k = 1; k <= NODES; k++)); do
+        if rabbit_running "$k"; then
+            members="$(rabbit_cluster_members "$k")" || members=""
+            break
+        fi
+    done
+    for ((k = 1; k <= NODES; k++)); do
+        if [[ "$members" == *"\"$(node_name "$k")\""* ]]; then
+            echo "rabbitmq:   running  $(amqp_url "$k")  ($(node_name "$k"), clustered)"
+        else
+            echo "rabbitmq:   stopped  ($(node_name "$k"))"
+            ok=1
+        fi
+    done
+    return "$ok"
 }
 
 cmd_status() {
     local ok=0
     if packages_present; then
         PG_BIN="$(pg_bin_dir)"
-        if rabbit_running; then echo "rabbitmq:   running  $AMQP_URL"
-        else echo "rabbitmq:   stopped"; ok=1; fi
+        rabbit_status || ok=1
         if pg_running; then echo "postgresql: running  $DATABASE_URL"
         else echo "postgresql: stopped"; ok=1; fi
     else
@@ -403,17 +557,35 @@ cmd_restart_postgresql() {
     pg_start
 }
 
+# Faults for the tests, for real: one node of the cluster stopped, and started again
+# (it rejoins with its data).
+node_arg() {
+    [[ "${1:-}" =~ ^[0-9]+$ ]] && (($1 >= 1 && $1 <= NODES)) \
+        || die "node must be 1..$NODES (SYNC_RABBIT_NODES=$NODES), not '${1:-}'"
+}
+
 usage() {
-    echo "usage: $0 {start|stop|status|env|restart-postgresql|rabbitmqctl ARGS...}" >&2
+    echo "usage: $0 {start|stop|status|env|restart-postgresql|stop-node K|start-node K|rabbitmqctl ARGS...}" >&2
     exit 2
 }
 
 main() {
+    [[ "$NODES" =~ ^[1-9][0-9]*$ ]] || die "SYNC_RABBIT_NODES must be a number from 1, not '$NODES'"
     if [[ "${1:-}" == rabbitmqctl ]]; then
         shift
-        rmq rabbitmqctl "$@"
+        local k="${SYNC_RABBIT_NODE:-1}"
+        node_arg "$k"
+        rmq "$k" rabbitmqctl "$@"
         return
     fi
+    case "${1:-}" in
+        stop-node | start-node)
+            [[ $# -eq 2 ]] || usage
+            node_arg "$2"
+            if [[ "$1" == stop-node ]]; then rabbit_stop "$2"; else rabbit_start "$2"; fi
+            return
+            ;;
+    esac
     [[ $# -eq 1 ]] || usage
     case "$1" in
         start) cmd_start ;;

@@ -215,6 +215,7 @@ async def device_add(args: argparse.Namespace, settings: ServerSettings) -> int:
             args.device,
             args.user,
             offline=not args.online,
+            queue_type=settings.device_queue_type,
             if_missing=args.if_missing,
         )
     if secret is None:

@@ -138,7 +138,15 @@ async def _prepare_database(settings: ServerSettings, model: DomainModel) -> Non
             await declare_topology(channel)
             for device_id, user_id, offline in [*DEVICES, WEB_SESSION]:
                 await channel.queue_delete(f"device.{device_id}")
-                await register_device(conn, channel, accounts, device_id, user_id, offline=offline)
+                await register_device(
+                    conn,
+                    channel,
+                    accounts,
+                    device_id,
+                    user_id,
+                    offline=offline,
+                    queue_type=settings.device_queue_type,
+                )
     finally:
         await conn.close()
 

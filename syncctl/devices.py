@@ -12,6 +12,7 @@ from broker.errors import ConfigurationError
 from broker.models import DEVICE_ID_PATTERN, MAX_ID
 from broker.topology import (
     DEFAULT_QUEUE_LIMITS,
+    DeviceQueueType,
     QueueLimits,
     declare_device_queue,
     delete_device_queue,
@@ -40,6 +41,7 @@ async def register_device(
     *,
     offline: bool = True,
     limits: QueueLimits = DEFAULT_QUEUE_LIMITS,
+    queue_type: DeviceQueueType = "classic",
     if_missing: bool = False,
 ) -> str | None:
     """Register (or re-register) a device for a user, create its queue and its account.
@@ -58,12 +60,12 @@ async def register_device(
     known = await find_device(conn, device_id)
     if if_missing and known is not None and await accounts.has_device_account(device_id):
         if known["offline"]:
-            await declare_device_queue(channel, device_id, limits)
+            await declare_device_queue(channel, device_id, limits, queue_type)
         return None
     async with conn.transaction():
         await save_device(conn, device_id, user_id, offline=offline)
         if offline:
-            await declare_device_queue(channel, device_id, limits)
+            await declare_device_queue(channel, device_id, limits, queue_type)
         try:
             return await accounts.create_device_account(device_id)
         except BaseException:

@@ -29,6 +29,7 @@ from broker.topology import (
     DEAD_JOBS_QUEUE,
     DEFAULT_QUEUE_LIMITS,
     JOBS_QUEUE,
+    DeviceQueueType,
     QueueLimits,
     declare_topology,
 )
@@ -264,6 +265,7 @@ async def make_device(
         offline: bool = True,
         run_agent: bool = True,
         limits: QueueLimits = DEFAULT_QUEUE_LIMITS,
+        queue_type: DeviceQueueType = "classic",
     ) -> Device:
         device_id = f"test-{uuid.uuid4().hex[:12]}"
         await pg.executemany(
@@ -271,7 +273,14 @@ async def make_device(
             [(user_id, role) for role in roles],
         )
         secret = await register_device(
-            pg, amqp, accounts, device_id, user_id, offline=offline, limits=limits
+            pg,
+            amqp,
+            accounts,
+            device_id,
+            user_id,
+            offline=offline,
+            limits=limits,
+            queue_type=queue_type,
         )
         assert secret is not None
         db_path = tmp_path / f"{device_id}.sqlite"

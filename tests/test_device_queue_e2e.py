@@ -8,10 +8,12 @@ import asyncpg
 import pytest
 
 from broker import ObjectRef, SyncClient
-from broker.topology import QueueLimits
+from broker.topology import DeviceQueueType, QueueLimits
 from tests.conftest import Device, MakeDevice, Services, insert, start_agent, wait_for
 
 pytestmark = pytest.mark.usefixtures("worker")
+# Both device queue types (docs/cluster.md): the device and its callers see the same.
+QUEUE_TYPES = pytest.mark.parametrize("queue_type", ["classic", "quorum"])
 
 
 async def _marked(pg: asyncpg.Connection, device: Device) -> str | None:
@@ -27,38 +29,46 @@ async def _sync_one(client: SyncClient, device: Device, object_id: int):
     )
 
 
+@QUEUE_TYPES
 async def test_full_queue_refuses_the_job_and_the_device_is_told_to_resync(
-    client: SyncClient, make_device: MakeDevice, pg, services: Services
+    client: SyncClient, make_device: MakeDevice, pg, services: Services, queue_type: DeviceQueueType
 ):
-    device = await make_device(7, ["Admin"], run_agent=False, limits=QueueLimits(max_length=3))
-    tasks = [await insert(pg, "t_task", title=f"t{i}") for i in range(5)]
-    for task in tasks[:3]:
+    device = await make_device(
+        7, ["Admin"], run_agent=False, limits=QueueLimits(max_length=3), queue_type=queue_type
+    )
+    # A quorum queue refuses only once it holds one batch more than its length.
+    held = 3 if queue_type == "classic" else 4
+    tasks = [await insert(pg, "t_task", title=f"t{i}") for i in range(held + 2)]
+    for task in tasks[:held]:
         assert (await _sync_one(client, device, task)).status == "done"
 
-    refused = await _sync_one(client, device, tasks[3])
+    refused = await _sync_one(client, device, tasks[held])
     assert (refused.status, refused.reason) == ("rejected", "device-queue-full")
     await wait_for(lambda: _is_marked(pg, device))
     assert await _marked(pg, device) == "maxlen"
 
     await start_agent(device)
-    result = await _sync_one(client, device, tasks[4])
+    result = await _sync_one(client, device, tasks[held + 1])
     assert result.status == "done"
     await device.settled(result)
-    # The three queued batches and the new one arrived; the refused one did not.
-    assert await device.store.ids("Task") == [tasks[0], tasks[1], tasks[2], tasks[4]]
+    # The queued batches and the new one arrived; the refused one did not.
+    assert await device.store.ids("Task") == [*tasks[:held], tasks[held + 1]]
     assert await device.store.resync_required() == "maxlen"
     assert await _marked(pg, device) is None
 
     await device.store.clear_resync_required()
-    again = await _sync_one(client, device, tasks[3])
+    again = await _sync_one(client, device, tasks[held])
     await device.settled(again)
     assert await device.store.resync_required() is None
 
 
+@QUEUE_TYPES
 async def test_batches_older_than_the_queue_ttl_expire_and_the_device_is_told(
-    client: SyncClient, make_device: MakeDevice, pg, services: Services
+    client: SyncClient, make_device: MakeDevice, pg, services: Services, queue_type: DeviceQueueType
 ):
-    device = await make_device(7, ["Admin"], run_agent=False, limits=QueueLimits(ttl_seconds=0.2))
+    device = await make_device(
+        7, ["Admin"], run_agent=False, limits=QueueLimits(ttl_seconds=0.2), queue_type=queue_type
+    )
     early = await insert(pg, "t_task", title="early")
     late = await insert(pg, "t_task", title="late")
     assert (await _sync_one(client, device, early)).status == "done"

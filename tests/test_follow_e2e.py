@@ -91,7 +91,7 @@ async def test_a_delete_removes_the_object_from_the_holder(
 
     async def forgotten() -> bool:
         # Released just after the broker confirmed the batch the device may apply first.
-        return await fpg.fetchval("SELECT count(*) FROM sync.holding") == 0
+        return bool(await fpg.fetchval("SELECT count(*) FROM sync.holding") == 0)
 
     await wait_for(forgotten)
 

@@ -266,10 +266,10 @@ async def list_devices(conn: asyncpg.Connection) -> list[asyncpg.Record]:
     return list(await conn.fetch(f"SELECT {_COLUMNS} FROM sync.device d ORDER BY d.device_id"))
 
 
-async def mark_lost(pool: asyncpg.Pool, device_id: str, reason: str) -> None:
+async def mark_lost(db: asyncpg.Pool | asyncpg.Connection, device_id: str, reason: str) -> None:
     """Batches for the device were lost: it must resync. The first loss's time is kept,
     as the device must resync everything since then."""
-    await pool.execute(
+    await db.execute(
         "UPDATE sync.device SET resync_reason = $2, "
         "resync_since = coalesce(resync_since, now()) WHERE device_id = $1",
         device_id,

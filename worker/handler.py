@@ -28,7 +28,7 @@ from broker.errors import Refused, Unroutable
 from broker.models import ObjectKey, ResyncChange, Session, SyncJob, SyncResult
 from worker.access import AUTOCOMMITTED, MATCHES, UPSERT, VERSION, AccessPolicy
 from worker.answers import Answer, answer_of, done, remembered
-from worker.devices import DEVICE_LOCK_CLASS, LET_GO, PEND, RELEASE, TAKE
+from worker.devices import DEVICE_LOCK_CLASS, LET_GO, PEND, RELEASE, TAKE, mark_lost
 from worker.eligibility import DELETED, GONE, NO_ACCESS, SYNCED, Decision, Found, decide
 from worker.errors import JobRejected
 from worker.model import DomainModel
@@ -340,8 +340,10 @@ class JobHandler:
         except Unroutable:
             raise JobRejected("no-device-queue") from None
         except Refused:
-            # The queue dead-lettered the refused batch, so the device gets marked for
-            # a resync; the callers learn now.
+            # The device lost the refused batch: marked here, as a quorum queue does not
+            # dead-letter it (a classic one does, and worker.lost marks the same); the
+            # callers learn now.
+            await mark_lost(conn, device_id, "maxlen")
             raise JobRejected("device-queue-full") from None
         answers: list[Outcome] = [
             done(job.job_id, decision, [batch.batch_id for batch in batches])

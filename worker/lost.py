@@ -1,9 +1,11 @@
 """Marks a device for a full resync when the broker dead-lettered one of its batches.
 
-A device queue dead-letters a batch when it is full (the batch was refused) or when the
-batch waited longer than the queue's TTL. Either way the device can no longer reach the
-latest state from its queue alone. The device is marked in ``sync.device``; its next
-job starts with a ``ResyncChange``, which tells the agent (see ``worker.handler``).
+A device queue dead-letters a batch when the batch waited longer than the queue's TTL,
+and a classic one also when it is full (the batch was refused; the worker that saw the
+refusal marks the device too, for quorum device queues, which do not dead-letter it).
+Either way the device can no longer reach the latest state from its queue alone. The
+device is marked in ``sync.device``; its next job starts with a ``ResyncChange``, which
+tells the agent (see ``worker.handler``).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from pydantic import Field
 
 from broker.errors import ConfigurationError
 from broker.settings import BrokerSettings
+from broker.topology import DeviceQueueType
 
 __all__ = ["ServerSettings", "WorkerSettings"]
 
@@ -26,6 +27,9 @@ class ServerSettings(BrokerSettings):
     # holding devices are told to resync. Set by `syncctl db init` when given (the
     # database keeps it; 1,000,000 at first).
     follow_backlog_limit: int | None = Field(default=None, ge=1_000)
+    # The type of the queue a device gets at registration: classic (one node) or quorum
+    # (replicated on every node of a cluster, several times the memory); docs/cluster.md.
+    device_queue_type: DeviceQueueType = "classic"
 
     def model_path(self) -> Path:
         """The model file; ``ConfigurationError`` when none was given."""
