@@ -55,6 +55,9 @@ class AppliedBatch:
     job_id: str
     device_id: str
     changes: int
+    # Its place in its job's stream of batches: 1 to ``total``.
+    position: int = 1
+    total: int = 1
 
 
 OnApplied = Callable[[AppliedBatch], None]
@@ -340,7 +343,14 @@ class DeviceAgent:
         # Only the rows and what the logs need are kept: the decoded changes are let go.
         return _Batch(
             message,
-            AppliedBatch(batch.batch_id, batch.job_id, batch.device_id, len(batch.changes)),
+            AppliedBatch(
+                batch.batch_id,
+                batch.job_id,
+                batch.device_id,
+                len(batch.changes),
+                batch.position,
+                batch.total,
+            ),
             tuple(c for c in batch.changes if isinstance(c, ReadResync)),
             batch_rows(batch),
         )
