@@ -323,6 +323,9 @@ class _Stream:
         self.results[job_id] = (session, result)
         self.answered_at.append(time.monotonic())
 
+    def answered_between(self, start: float, end: float) -> int:
+        return sum(start < moment < end for moment in self.answered_at)
+
     def first_answer_after(self, moment: float) -> float:
         return min((t for t in self.answered_at if t > moment), default=float("inf")) - moment
 
@@ -345,6 +348,7 @@ async def _stream_through_a_node_loss(cluster: Cluster, stream: _Stream) -> dict
 
     async def step(name: str, *command: str, after: float) -> None:
         await asyncio.sleep(after)
+        steps[f"{name} from"] = time.monotonic()
         done = await asyncio.to_thread(cluster.script, *command)
         assert done.returncode == 0, done.stderr
         steps[name] = time.monotonic()
@@ -432,6 +436,8 @@ async def test_a_node_stopped_mid_stream_loses_nothing_and_reorders_nothing(
             stream = _Stream(client, fleet)
             steps = await _stream_through_a_node_loss(cluster, stream)
 
+            # Jobs went on while the node was down: its clients moved to the others.
+            assert stream.answered_between(steps["stopped"], steps["started from"]) > 0
             # Nothing lost: every job answered done, with every object it named synced.
             assert len(stream.results) == stream.submitted
             for _, result in stream.results.values():
