@@ -295,16 +295,19 @@ class _Stream:
     answered_at: list[float] = field(default_factory=list)
     submitted: int = 0
     retries: int = 0
+    # The writes share the fleet's one connection.
+    writing: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     async def job(self, number: int, rng: random.Random) -> None:
         session = self.fleet.sessions[number % len(self.fleet.sessions)]
         ids = rng.sample(self.fleet.task_ids, rng.randint(1, 4))
         if number % 10 == 0:
-            await self.fleet.conn.execute(
-                "UPDATE t_task SET title = $1 WHERE id = ANY($2::bigint[])",
-                f"v{number}",
-                rng.sample(self.fleet.task_ids, 3),
-            )
+            async with self.writing:
+                await self.fleet.conn.execute(
+                    "UPDATE t_task SET title = $1 WHERE id = ANY($2::bigint[])",
+                    f"v{number}",
+                    rng.sample(self.fleet.task_ids, 3),
+                )
         job_id = f"loss-{number}-{uuid.uuid4().hex[:8]}"
         async with asyncio.timeout(120):
             while True:
