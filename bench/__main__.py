@@ -21,7 +21,10 @@ Starts the local services, then measures in one run:
   on the shipped socket buffers and 1,000 on the kernel's (the broker is restarted);
 - follow: commit → applied on every holding device at 1,000, 100 and 50 changes/s with
   1,000 holding devices, the changes/s sustained, and the write ceilings with and without
-  the capture trigger.
+  the capture trigger;
+- the chaos soak: 10,000 jobs over 100 devices with follow changes flowing while faults
+  are injected on a seeded schedule (on a 3-node cluster of its own; not in the default
+  run: ``--only chaos``).
 
 Prints a table (with each pipeline figure's ratio to the slowest ceiling of its unit) and
 writes the same figures as JSON, for comparing runs. Progress goes to stderr.
@@ -31,12 +34,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 
 from bench.agent import device_side
 from bench.ceilings import broker_paths, ceilings
+from bench.chaos import ChaosFailed, chaos
 from bench.connected import connected
 from bench.fleet import fleet
 from bench.follow import follow
@@ -60,19 +65,31 @@ SUITES: dict[str, Suite] = {
     "fleet": lambda env, runs: fleet(env),
     "connected": lambda env, runs: connected(env),
     "follow": lambda env, runs: follow(env),
+    # Starts services of its own (a 3-node cluster and PostgreSQL), ignoring ``env``.
+    "chaos": lambda env, runs: chaos(),
 }
+# The parts that need no local services started for them.
+OWN_SERVICES = {"chaos"}
 
 
 async def main(runs: int, only: list[str], json_path: Path) -> None:
-    env = service_env()
+    env = service_env() if set(only) - OWN_SERVICES else {}
     figures: list[Figure] = []
+    failed: ChaosFailed | None = None
     for name in only:
         progress(f"== {name}")
-        figures += await SUITES[name](env, runs)
+        try:
+            figures += await SUITES[name](env, runs)
+        except ChaosFailed as error:
+            # Its figures are the finding: kept, and the run fails after the table.
+            failed = error
+            figures += error.figures
         # Written after each part, so a long run that fails late keeps what it measured.
         await asyncio.to_thread(partial(json_path.write_text, as_json(figures) + "\n"))
     print(as_table(figures))
     print(f"\n(median, min and max of {runs} runs; JSON in {json_path})")
+    if failed is not None:
+        sys.exit(str(failed))
 
 
 if __name__ == "__main__":
@@ -81,6 +98,8 @@ if __name__ == "__main__":
     )
     parser.add_argument("--runs", type=int, default=3, help="runs per figure (median reported)")
     parser.add_argument("--json", type=Path, default=Path("bench-results.json"))
-    parser.add_argument("--only", nargs="+", choices=list(SUITES), default=list(SUITES))
+    parser.add_argument(
+        "--only", nargs="+", choices=list(SUITES), default=[s for s in SUITES if s != "chaos"]
+    )
     args = parser.parse_args()
     asyncio.run(main(args.runs, args.only, args.json))

@@ -134,7 +134,7 @@ from worker import load_model
 from worker.devices import holders_sql
 from worker.schema import init_database
 
-__all__ = ["follow"]
+__all__ = ["ReportingAgent", "follow", "prepare_followed", "serve_devices"]
 
 MODEL = Path(__file__).with_name("follow_model.yaml")
 ENTITY = "WorkOrder"
@@ -167,13 +167,18 @@ CPU_GROUPS = ("workers", "agents", "bench", "rabbitmq", "postgres")
 # The device side: agent processes.
 
 
-class _TimedAgent(DeviceAgent):
-    """A ``DeviceAgent`` that reports each batch it committed (``b``, device index) and
-    each upsert in it (``a``, device index, object id, version, ``time.monotonic()`` just
-    after the commit and the ack)."""
+class ReportingAgent(DeviceAgent):
+    """A ``DeviceAgent`` of an agent process (``serve_devices``), which gives it its
+    device's index and the lines to report on stdout (``out``)."""
 
     index = -1
     out: list[str]
+
+
+class _TimedAgent(ReportingAgent):
+    """A ``DeviceAgent`` that reports each batch it committed (``b``, device index) and
+    each upsert in it (``a``, device index, object id, version, ``time.monotonic()`` just
+    after the commit and the ack)."""
 
     def _settled(self, batch: _Batch, outcome: bool, started: float, group: int) -> None:
         super()._settled(batch, outcome, started, group)
@@ -207,10 +212,12 @@ async def _flush(out: list[str], stop: asyncio.Event) -> None:
             await asyncio.wait_for(stop.wait(), FLUSH)
 
 
-async def serve_devices(spec_path: Path) -> None:
-    """An agent process: a ``_TimedAgent`` per device of the spec file (``amqp_url`` and
-    ``devices``: [index, device id, SQLite path]); prints ``ready`` once all are started,
-    then what they apply; stops when stdin closes or on SIGTERM."""
+async def serve_devices(spec_path: Path, agent_class: type[ReportingAgent] = _TimedAgent) -> None:
+    """An agent process: an ``agent_class`` agent per device of the spec file
+    (``amqp_url``, ``devices``: [index, device id, SQLite path], and optionally ``urls``:
+    device id -> the URL its agent logs in with, instead of ``amqp_url``); prints
+    ``ready`` once all are started, then what they report; stops when stdin closes or on
+    SIGTERM."""
     spec = json.loads(await asyncio.to_thread(spec_path.read_text))
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -222,9 +229,10 @@ async def serve_devices(spec_path: Path) -> None:
 
     async def start(index: int, device_id: str, path: str) -> None:
         async with gate:
-            settings = AgentSettings(amqp_url=spec["amqp_url"], device_id=device_id, db_path=path)
-            agent = await _TimedAgent.start(settings)
-        assert isinstance(agent, _TimedAgent)
+            url = spec.get("urls", {}).get(device_id, spec["amqp_url"])
+            settings = AgentSettings(amqp_url=url, device_id=device_id, db_path=path)
+            agent = await agent_class.start(settings)
+        assert isinstance(agent, agent_class)
         agent.index, agent.out = index, out
         runs.append(asyncio.create_task(agent.run(stop)))
 
@@ -327,7 +335,7 @@ async def _agent_processes(
 # The server side: database, devices, holdings.
 
 
-async def _prepare(database_url: str, objects: int) -> list[int]:
+async def prepare_followed(database_url: str, objects: int) -> list[int]:
     """The follow model's tables with their capture, ``objects`` fresh work orders, an
     empty outbox; ``USER`` a Dispatcher. Returns the work orders' ids."""
     conn = await asyncpg.connect(database_url)
@@ -756,7 +764,7 @@ async def _context(
 ) -> AsyncIterator[Context]:
     """Everything a phase needs, set up as the module's docstring says; torn down after."""
     await declare_jobs_topology(env["SYNC_AMQP_URL"])
-    ids = await _prepare(env["SYNC_DATABASE_URL"], devices * held)
+    ids = await prepare_followed(env["SYNC_DATABASE_URL"], devices * held)
     prefix = f"follow-{uuid.uuid4().hex[:6]}"
     names = [f"{prefix}-{n:04d}" for n in range(devices)]
     fleet = Fleet(

@@ -58,6 +58,8 @@ __all__ = [
     "running_workers",
     "seed_work_orders",
     "service_env",
+    "start_worker",
+    "terminate_workers",
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,7 +112,7 @@ async def _wait_started(process: asyncio.subprocess.Process, log: Path) -> None:
             await asyncio.sleep(0.05)
 
 
-async def _terminate(processes: Sequence[asyncio.subprocess.Process]) -> None:
+async def terminate_workers(processes: Sequence[asyncio.subprocess.Process]) -> None:
     for process in processes:
         if process.returncode is None:
             process.send_signal(signal.SIGTERM)
@@ -131,6 +133,39 @@ _UNLIMITED_DEVICES = {
 }
 
 
+async def start_worker(
+    env: dict[str, str], log: Path, **settings: str
+) -> asyncio.subprocess.Process:
+    """A worker process (``python -m worker``) on the field-service model (``model=`` in
+    ``settings`` names another), returned once it has started; it logs to ``log`` (named
+    after it). ``settings`` are ``WorkerSettings`` fields (``batch_size="5"``)."""
+    worker_env = {**os.environ, **env, "SYNC_MODEL": str(MODEL)}
+    worker_env.update({f"SYNC_{name.upper()}": value for name, value in settings.items()})
+    with log.open("wb") as stderr:
+        process = await asyncio.create_subprocess_exec(
+            *(
+                sys.executable,
+                "-m",
+                "worker",
+                "--name",
+                f"bench-{log.stem.removeprefix('worker-')}",
+            ),
+            env=worker_env,
+            cwd=ROOT,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=stderr,
+        )
+    try:
+        await _wait_started(process, log)
+    except BaseException:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        raise
+    return process
+
+
 @asynccontextmanager
 async def running_workers(
     env: dict[str, str], count: int, folder: Path, tag: str, **settings: str
@@ -138,26 +173,13 @@ async def running_workers(
     """``count`` worker processes (``python -m worker``) on the field-service model, yielded
     once each has started; SIGTERM and wait after. ``settings`` are ``WorkerSettings``
     fields (``batch_size="5"``); each worker logs to ``folder``."""
-    worker_env = {**os.environ, **env, "SYNC_MODEL": str(MODEL)}
-    worker_env.update({f"SYNC_{name.upper()}": value for name, value in settings.items()})
     processes: list[asyncio.subprocess.Process] = []
     try:
         for n in range(count):
-            log = folder / f"worker-{tag}-{n}.log"
-            with log.open("wb") as stderr:
-                process = await asyncio.create_subprocess_exec(
-                    *(sys.executable, "-m", "worker", "--name", f"bench-{tag}-{n}"),
-                    env=worker_env,
-                    cwd=ROOT,
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=asyncio.subprocess.DEVNULL,
-                    stderr=stderr,
-                )
-            processes.append(process)
-            await _wait_started(process, log)
+            processes.append(await start_worker(env, folder / f"worker-{tag}-{n}.log", **settings))
         yield processes
     finally:
-        await _terminate(processes)
+        await terminate_workers(processes)
         failed = [p.returncode for p in processes if p.returncode not in (0, None)]
         if failed:
             progress(f"warning: workers exited with {failed}; logs in {folder}")

@@ -8,6 +8,7 @@ watcher while a watch names them (a reverse hop); memos are not followed.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import sys
@@ -21,6 +22,8 @@ import pytest
 from prometheus_client import REGISTRY
 
 from broker import ObjectRef, Query, SyncClient
+from broker.models import SyncJob
+from broker.topology import CHANGES_EXCHANGE, declare_exchange
 from syncctl.accounts import BrokerAccounts
 from syncctl.devices import find_device, unregister_device
 from tests.conftest import (
@@ -41,7 +44,10 @@ from tests.conftest import (
     worker_settings,
 )
 from worker import DomainModel, Worker
+from worker.answers import Answer
 from worker.devices import DEVICE_LOCK_CLASS
+from worker.handler import Claimed, JobHandler
+from worker.publisher import BatchPublisher
 from worker.schema import init_database
 from worker.schema_check import schema_problems
 
@@ -615,3 +621,41 @@ async def test_a_device_busy_elsewhere_holds_up_neither_the_feed_nor_other_devic
     finally:
         await holder.close()
     await wait_for(lambda: _title_is(busy, world["order"], "news"))
+
+
+async def test_a_push_in_hand_before_a_job_of_its_device_keeps_each_its_own_answer(
+    services: Services,
+    follow_model: DomainModel,
+    fpg: asyncpg.Connection,
+    make_device: MakeDevice,
+    amqp: aio_pika.abc.AbstractRobustChannel,
+) -> None:
+    # Found by the chaos soak (bench/chaos.py): a push claimed before a job of the same
+    # device, handled together, got the job's answer and the job the push's.
+    world = await follow_world(fpg)
+    device = await make_device(7, ["Owner"])
+    pool = await asyncpg.create_pool(services.database_url, min_size=1, max_size=2)
+    publisher = BatchPublisher(
+        await declare_exchange(amqp, CHANGES_EXCHANGE), batch_size=500, timeout=10, window=64
+    )
+    handler = JobHandler(pool, follow_model, publisher, chunk_size=500)
+
+    def job(job_id: str, *orders: int) -> Claimed:
+        objects = tuple(ObjectRef("Order", order) for order in orders)
+        sync_job = SyncJob(
+            job_id=job_id, session=device.session, origin="nanoflow", objects=objects
+        )
+        return Claimed(sync_job, device.device_id, 7, [("Order", order) for order in orders])
+
+    try:
+        (held,) = await handler.handle(device.device_id, [job("hold-it", world["order"])])
+        assert isinstance(held, Answer) and held.synced == 1
+        await fpg.execute("UPDATE f_order SET title = 'pump 2' WHERE id = $1", world["order"])
+        push = dataclasses.replace(job("follow.1", world["order"]), claimed_user=None, push="x")
+        outcomes = await handler.handle(
+            device.device_id, [push, job("the-job", world["order"], world["other"])]
+        )
+    finally:
+        await pool.close()
+    answers = [outcome for outcome in outcomes if isinstance(outcome, Answer)]
+    assert [(a.job_id, a.synced) for a in answers] == [("follow.1", 1), ("the-job", 2)]

@@ -208,6 +208,8 @@ class JobHandler:
         announced = None
         holdings: list[Holding] = []
         if to_run:
+            # ``_run`` answers the jobs first and the pushes after them: so are they taken.
+            to_run.sort(key=lambda pair: pair[1].push is not None)
             results: list[Outcome] = []
             try:
                 to_run = await self._listed(conn, device_id, device, to_run, outcomes)
