@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import aio_pika
 import aiosqlite
@@ -247,12 +247,26 @@ async def _applied(device: Device) -> int:
     return int(row[0])
 
 
+Targets = tuple[list[ObjectRef], list[Query]]
+
+
+def _named(world: dict[str, int]) -> Targets:
+    return [ObjectRef("Order", world["order"])], []
+
+
+def _queried(world: dict[str, int]) -> Targets:
+    # Found by a query: only known after the device was taken, so pending later.
+    return [], [Query("Order", "[title = 'pump']")]
+
+
+@pytest.mark.parametrize("targets", [_named, _queried], ids=["named", "queried"])
 async def test_a_change_while_the_first_sync_is_in_flight_still_reaches_the_device(
     follow_worker: Worker,
     client: SyncClient,
     make_device: MakeDevice,
     fpg: asyncpg.Connection,
     services: Services,
+    targets: Callable[[dict[str, int]], Targets],
 ):
     world = await follow_world(fpg)
     boss = await make_device(7, ["Boss"])
@@ -262,39 +276,12 @@ async def test_a_change_while_the_first_sync_is_in_flight_still_reaches_the_devi
         transaction = blocker.transaction()
         await transaction.start()
         await blocker.execute("LOCK TABLE sync.job_result IN EXCLUSIVE MODE")
+        objects, queries = targets(world)
         job = asyncio.create_task(
-            client.synchronize_to_device(boss.session, objects=[ObjectRef("Order", world["order"])])
+            client.synchronize_to_device(boss.session, objects=objects, queries=queries)
         )
         await wait_for(lambda: _title_is(boss, world["order"], "pump"))
         # Committed after the job read the order, before it recorded the holding.
-        await fpg.execute("UPDATE f_order SET title = 'meanwhile' WHERE id = $1", world["order"])
-        await wait_for(lambda: _queued(fpg))
-        await transaction.commit()
-        assert (await job).status == "done"
-    finally:
-        await blocker.close()
-    await wait_for(lambda: _title_is(boss, world["order"], "meanwhile"))
-
-
-async def test_a_change_while_a_query_sync_is_in_flight_still_reaches_the_device(
-    follow_worker: Worker,
-    client: SyncClient,
-    make_device: MakeDevice,
-    fpg: asyncpg.Connection,
-    services: Services,
-):
-    # As above, for an object a query found: it is only known after the device was taken.
-    world = await follow_world(fpg)
-    boss = await make_device(7, ["Boss"])
-    blocker = await asyncpg.connect(services.database_url)
-    try:
-        transaction = blocker.transaction()
-        await transaction.start()
-        await blocker.execute("LOCK TABLE sync.job_result IN EXCLUSIVE MODE")
-        job = asyncio.create_task(
-            client.synchronize_to_device(boss.session, queries=[Query("Order", "[title = 'pump']")])
-        )
-        await wait_for(lambda: _title_is(boss, world["order"], "pump"))
         await fpg.execute("UPDATE f_order SET title = 'meanwhile' WHERE id = $1", world["order"])
         await wait_for(lambda: _queued(fpg))
         await transaction.commit()
