@@ -63,7 +63,7 @@ async def register_device(
             await declare_device_queue(channel, device_id, limits, queue_type)
         return None
     async with conn.transaction():
-        await save_device(conn, device_id, user_id, offline=offline)
+        await save_device(conn, device_id, user_id, offline=offline, max_batches=limits.max_length)
         if offline:
             await declare_device_queue(channel, device_id, limits, queue_type)
         try:

@@ -4,6 +4,8 @@ the next job (docs/decisions.md, "Device queues")."""
 
 from __future__ import annotations
 
+import asyncio
+
 import asyncpg
 import pytest
 
@@ -60,6 +62,36 @@ async def test_full_queue_refuses_the_job_and_the_device_is_told_to_resync(
     again = await _sync_one(client, device, tasks[held])
     await device.settled(again)
     assert await device.store.resync_required() is None
+
+
+async def test_a_refusal_while_the_queue_has_room_is_tried_again_not_final(
+    client: SyncClient, make_device: MakeDevice, pg, services: Services
+):
+    # A quorum queue that refuses below its registered bound, as one does while its
+    # leader's node shuts down (docs/cluster.md): here its real bound is below the one
+    # registered. (A classic queue on a stopped node does not refuse: it has no route.)
+    device = await make_device(
+        7, ["Admin"], run_agent=False, limits=QueueLimits(max_length=1), queue_type="quorum"
+    )
+    await pg.execute(
+        "UPDATE sync.device SET max_batches = 100 WHERE device_id = $1", device.device_id
+    )
+    # It refuses only once it holds one batch more than its length.
+    held = 2
+    tasks = [await insert(pg, "t_task", title=f"t{i}") for i in range(held + 1)]
+    for task in tasks[:held]:
+        assert (await _sync_one(client, device, task)).status == "done"
+
+    later = asyncio.create_task(_sync_one(client, device, tasks[held]))
+    # Handed back and tried again while the queue refuses: no answer yet, no mark.
+    await asyncio.sleep(1.5)
+    assert not later.done()
+    assert await _marked(pg, device) is None
+    await start_agent(device)
+    result = await later
+    assert result.status == "done"
+    await device.settled(result)
+    assert await device.store.ids("Task") == tasks
 
 
 @QUEUE_TYPES

@@ -623,7 +623,7 @@ async def test_a_push_in_hand_before_a_job_of_its_device_keeps_each_its_own_answ
     device = await make_device(7, ["Owner"])
     pool = await asyncpg.create_pool(services.database_url, min_size=1, max_size=2)
     publisher = BatchPublisher(
-        await declare_exchange(amqp, CHANGES_EXCHANGE), batch_size=500, timeout=10, window=64
+        amqp, await declare_exchange(amqp, CHANGES_EXCHANGE), batch_size=500, timeout=10, window=64
     )
     handler = JobHandler(pool, follow_model, publisher, chunk_size=500)
 

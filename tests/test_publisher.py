@@ -48,7 +48,7 @@ def test_encoded_batch_is_the_models_json_and_its_id_follows_the_content():
 
 
 def test_a_jobs_batches_are_numbered_from_one_to_their_total():
-    publisher = BatchPublisher(None, batch_size=2, timeout=1, window=1)  # type: ignore[arg-type]
+    publisher = BatchPublisher(None, None, batch_size=2, timeout=1, window=1)  # type: ignore[arg-type]
     texts = [
         UpsertChange(entity="Task", id=n, version=1, data={}).model_dump_json()
         for n in (1, 2, 3, 4, 5)

@@ -119,6 +119,7 @@ class Worker:
         channel = await open_channel(connection, prefetch=settings.prefetch)
         await declare_topology(channel)
         publisher = BatchPublisher(
+            channel,
             await declare_exchange(channel, CHANGES_EXCHANGE),
             batch_size=settings.batch_size,
             timeout=settings.publish_timeout,

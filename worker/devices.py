@@ -37,6 +37,7 @@ __all__ = [
     "list_devices",
     "mark_lost",
     "mark_overflowed",
+    "max_batches",
     "save_device",
     "save_devices",
 ]
@@ -58,6 +59,9 @@ CREATE TABLE IF NOT EXISTS sync.device (
 );
 ALTER TABLE sync.device ADD COLUMN IF NOT EXISTS resync_reason text;
 ALTER TABLE sync.device ADD COLUMN IF NOT EXISTS resync_since timestamptz;
+-- The batches its queue holds at most (NULL: the default), to tell a full queue's refusal
+-- from a queue that is unavailable for a moment.
+ALTER TABLE sync.device ADD COLUMN IF NOT EXISTS max_batches integer;
 CREATE TABLE IF NOT EXISTS sync.holding (
     device_id text NOT NULL REFERENCES sync.device ON DELETE CASCADE,
     entity text NOT NULL,
@@ -213,17 +217,33 @@ _COLUMNS = (
 
 
 async def save_device(
-    conn: asyncpg.Connection, device_id: str, user_id: int, *, offline: bool
+    conn: asyncpg.Connection,
+    device_id: str,
+    user_id: int,
+    *,
+    offline: bool,
+    max_batches: int | None = None,
 ) -> None:
-    """Register a device, or register it again (its owner and kind may change)."""
+    """Register a device, or register it again (its owner, kind and queue bound may
+    change); ``max_batches`` is its queue's length limit, when not the default."""
     await conn.execute(
-        "INSERT INTO sync.device (device_id, user_id, offline) VALUES ($1, $2, $3) "
+        "INSERT INTO sync.device (device_id, user_id, offline, max_batches) "
+        "VALUES ($1, $2, $3, $4) "
         "ON CONFLICT (device_id) DO UPDATE SET user_id = excluded.user_id, "
-        "offline = excluded.offline",
+        "offline = excluded.offline, max_batches = excluded.max_batches",
         device_id,
         user_id,
         offline,
+        max_batches,
     )
+
+
+async def max_batches(conn: asyncpg.Connection, device_id: str) -> int | None:
+    """The length limit the device's queue was declared with, when not the default."""
+    limit: int | None = await conn.fetchval(
+        "SELECT max_batches FROM sync.device WHERE device_id = $1", device_id
+    )
+    return limit
 
 
 async def save_devices(conn: asyncpg.Connection, device_ids: Sequence[str], user_id: int) -> None:

@@ -24,11 +24,20 @@ import asyncpg
 from pydantic import ValidationError
 
 from broker.accounts import device_of_account
-from broker.errors import Refused, Unroutable
+from broker.errors import BrokerUnavailable, Refused, Unroutable
 from broker.models import ObjectKey, ResyncChange, Session, SyncJob, SyncResult
+from broker.topology import DEVICE_QUEUE_MAX_LENGTH
 from worker.access import AUTOCOMMITTED, MATCHES, UPSERT, VERSION, AccessPolicy
 from worker.answers import Answer, answer_of, done, remembered
-from worker.devices import DEVICE_LOCK_CLASS, LET_GO, PEND, RELEASE, TAKE, mark_lost
+from worker.devices import (
+    DEVICE_LOCK_CLASS,
+    LET_GO,
+    PEND,
+    RELEASE,
+    TAKE,
+    mark_lost,
+    max_batches,
+)
 from worker.eligibility import DELETED, GONE, NO_ACCESS, SYNCED, Decision, Found, decide
 from worker.errors import JobRejected
 from worker.model import DomainModel
@@ -342,6 +351,10 @@ class JobHandler:
         except Unroutable:
             raise JobRejected("no-device-queue") from None
         except Refused:
+            if not await self._full(conn, device_id):
+                # A quorum queue refuses too while its leader's node shuts down: the
+                # broker hands the jobs back, to run once another node leads it.
+                raise BrokerUnavailable(f"device queue {device_id} refused a batch") from None
             # The device lost the refused batch: marked here, as a quorum queue does not
             # dead-letter it (a classic one does, and worker.lost marks the same); the
             # callers learn now.
@@ -361,6 +374,13 @@ class JobHandler:
         # Released with the answers, still under the lock: no later job's batch is lost
         # unseen.
         return answers, resync.since if resync is not None else None, holdings
+
+    async def _full(self, conn: asyncpg.Connection, device_id: str) -> bool:
+        """Whether the device's queue is at its limit (a refusal then means full); not
+        when the broker cannot say how many batches it holds."""
+        depth = await self._publisher.depth(device_id)
+        limit = await max_batches(conn, device_id) or DEVICE_QUEUE_MAX_LENGTH
+        return depth is not None and depth >= limit
 
     def _holdings(self, found: dict[str, Found], decisions: Sequence[Decision]) -> list[Holding]:
         """What the device holds of followed objects after ``decisions``, the last one's

@@ -6,11 +6,13 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from aio_pika.abc import AbstractExchange
+from aio_pika.abc import AbstractExchange, AbstractRobustChannel
 from pydantic import TypeAdapter
 from typing_extensions import TypedDict
 
+from broker.errors import PUBLISH_FAILED
 from broker.publishing import Confirmed, json_message, publish_confirmed
+from broker.topology import device_queue_name
 
 __all__ = ["BatchPublisher", "EncodedBatch", "batch_id", "encode_batch"]
 
@@ -75,8 +77,16 @@ def encode_batch(
 
 class BatchPublisher:
     def __init__(
-        self, changes: AbstractExchange, *, batch_size: int, timeout: float, window: int
+        self,
+        channel: AbstractRobustChannel,
+        changes: AbstractExchange,
+        *,
+        batch_size: int,
+        timeout: float,
+        window: int,
     ) -> None:
+        # The exchange's channel: where the device queues' depth is asked too.
+        self._channel = channel
         self._exchange = changes
         self._batch_size = batch_size
         self._timeout = timeout
@@ -96,6 +106,18 @@ class BatchPublisher:
             )
             for position, start in enumerate(starts, 1)
         ]
+
+    async def depth(self, device_id: str) -> int | None:
+        """How many batches the device's queue holds now, or ``None`` when the broker
+        does not say (the queue's node unavailable, say)."""
+        try:
+            queue = await self._channel.declare_queue(
+                device_queue_name(device_id), passive=True, robust=False, timeout=self._timeout
+            )
+        except PUBLISH_FAILED:
+            return None
+        count = queue.declaration_result.message_count
+        return int(count) if count is not None else None
 
     async def publish(
         self,
