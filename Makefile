@@ -36,7 +36,7 @@ bench: $(BIN)/syncctl services
 # reordered or stale.
 CHAOS_JOBS ?= 10000
 CHAOS_SEED ?=
-# Kinds of fault to leave out, space-separated (CI leaves out node stops: docs/decisions.md).
+# Kinds of fault to leave out, space-separated (e.g. CHAOS_SKIP="node alarm").
 CHAOS_SKIP ?=
 chaos: $(BIN)/syncctl
 	$(BIN)/python -m bench.chaos --jobs $(CHAOS_JOBS) $(if $(CHAOS_SEED),--seed $(CHAOS_SEED)) \
