@@ -29,7 +29,7 @@ from worker.handler import JobHandler
 from worker.limits import DeviceLimits
 from worker.lost import LostBatchConsumer
 from worker.model import DomainModel, load_model
-from worker.model_changes import ModelResync, stamp
+from worker.model_changes import ModelResync, resync_pending, stamp
 from worker.publisher import BatchPublisher
 from worker.pushes import PushService
 from worker.schema_check import check_schema, schema_problems
@@ -112,6 +112,8 @@ class Worker:
             async with pool.acquire() as conn:
                 await check_schema(conn, model)
                 changed = await stamp(conn, model) if model.followed else []
+                # Only then a session of its own for it: most starts find nothing to do.
+                resyncing = model.followed and await resync_pending(conn, model)
             connection = await connect(settings.amqp_url, settings.name)
         except BaseException:
             await pool.close()
@@ -162,18 +164,17 @@ class Worker:
                 chunk=settings.follow_chunk,
                 takeover=settings.follow_takeover,
             )
-            resync = ModelResync(
-                settings.database_url,
-                model,
-                pushes,
-                name=settings.name,
-                rate=settings.model_resync_rate,
-                takeover=settings.follow_takeover,
-            )
-            worker._background += [
-                asyncio.create_task(feed.run()),
-                asyncio.create_task(resync.run()),
-            ]
+            worker._background.append(asyncio.create_task(feed.run()))
+            if resyncing:
+                resync = ModelResync(
+                    settings.database_url,
+                    model,
+                    pushes,
+                    name=settings.name,
+                    rate=settings.model_resync_rate,
+                    takeover=settings.follow_takeover,
+                )
+                worker._background.append(asyncio.create_task(resync.run()))
         if changed:
             log.info("model change: holders to bring in line", extra={"entities": changed})
         log.info("worker started", extra={"worker": settings.name, "prefetch": settings.prefetch})

@@ -29,7 +29,7 @@ from worker.metrics import MODEL_RESYNC_DEVICES
 from worker.model import DomainModel
 from worker.pushes import PushService
 
-__all__ = ["ENTITY_RULES_SQL", "WORKER_GRANTS", "ModelResync", "stamp"]
+__all__ = ["ENTITY_RULES_SQL", "WORKER_GRANTS", "ModelResync", "resync_pending", "stamp"]
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,12 @@ async def stamp(conn: asyncpg.Connection, model: DomainModel) -> list[str]:
     since the last stamp (their holders are to be brought in line)."""
     rows = await conn.fetch(_STAMP, *_fingerprints(model))
     return [row["entity"] for row in rows]
+
+
+async def resync_pending(conn: asyncpg.Connection, model: DomainModel) -> bool:
+    """Whether holders of an entity are still to be brought in line with ``model``'s rules
+    (by this worker, or by another one with the same model)."""
+    return bool(await conn.fetch(_WORK, *_fingerprints(model)))
 
 
 class ModelResync:
